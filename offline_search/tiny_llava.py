@@ -1,0 +1,206 @@
+"""The test kit: a tiny random LLaVA, complete enough for vLLM and transformers to load and serve.
+
+CLIP-style vision tower, MLP projector, Llama language model with grouped-query attention, a small
+byte-level BPE tokenizer trained on the spot, a CLIP image processor and a LLaVA-1.5 chat template.
+Every size is a field of `TinyLlavaSpec`. The weights are random (seeded): good for plumbing and
+exactness tests, meaningless for quality (shapes-llava is the trained one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
+
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ..."). Accepts plain-string
+# content as well as OpenAI-style content parts; images come before the text of a turn.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}{{ '\n' }}"
+    "{%- else -%}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- for part in message['content'] if part['type'] == 'image' -%}{{ '<image>\n' }}{%- endfor -%}"
+    "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ '</s>' }}{%- endif -%}{{ ' ' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+
+DEFAULT_CORPUS = (
+    "USER: ASSISTANT: What is in the image? What colour is the shape? How many shapes are there?",
+    "A red circle, a blue square and a green triangle on a white background.",
+    "The yellow star is left of the purple square. There are three shapes.",
+    "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 yes no",
+)
+
+
+@dataclass(frozen=True)
+class TinyLlavaSpec:
+    """Sizes of the tiny LLaVA. vLLM's CPU attention needs head_dim in {32, 64, 80, ...}."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    vision_layers: int = 2
+    vision_hidden_size: int = 32
+    vision_heads: int = 2
+    image_size: int = 32
+    patch_size: int = 8
+    vocab_size: int = 512  # upper bound: BPE stops early on a small corpus
+    max_position_embeddings: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+                     "head_dim", "vision_layers", "vision_hidden_size", "vision_heads",
+                     "image_size", "patch_size", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TinyLlavaSpec.{name}={getattr(self, name)} must be >= 1")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"TinyLlavaSpec.num_heads={self.num_heads} must be a multiple of "
+                f"num_kv_heads={self.num_kv_heads} (grouped-query attention)"
+            )
+        if self.vision_hidden_size % self.vision_heads:
+            raise ValueError(
+                f"TinyLlavaSpec.vision_hidden_size={self.vision_hidden_size} must be a multiple "
+                f"of vision_heads={self.vision_heads}"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"TinyLlavaSpec.image_size={self.image_size} must be a multiple of "
+                f"patch_size={self.patch_size}"
+            )
+        if self.vision_layers < 2:
+            # LLaVA reads the second-to-last vision layer (vision_feature_layer=-2).
+            raise ValueError(f"TinyLlavaSpec.vision_layers={self.vision_layers} must be >= 2")
+        if self.vocab_size < 300:
+            raise ValueError(
+                f"TinyLlavaSpec.vocab_size={self.vocab_size} must be >= 300 "
+                "(256 byte symbols plus special tokens and merges)"
+            )
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def build_tokenizer(corpus: Sequence[str], vocab_size: int):
+    """A byte-level BPE tokenizer (any text encodes) that prepends `<s>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus), trainer)
+    bos_id = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_processor(spec: TinyLlavaSpec, corpus: Sequence[str] = DEFAULT_CORPUS):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(corpus, spec.vocab_size),
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
+    )
+
+
+def build_llava_config(spec: TinyLlavaSpec, tokenizer):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=4 * spec.vision_hidden_size,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+        image_seq_length=spec.num_image_tokens,
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec(), corpus: Sequence[str] = DEFAULT_CORPUS):
+    """(model, processor) in memory; the weights are random but seeded by `spec.seed`."""
+    from transformers import LlavaForConditionalGeneration
+
+    processor = build_processor(spec, corpus)
+    config = build_llava_config(spec, processor.tokenizer)
+    torch.manual_seed(spec.seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.bos_token_id = processor.tokenizer.bos_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+def make_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec(),
+                    corpus: Sequence[str] = DEFAULT_CORPUS) -> Path:
+    """Builds the tiny LLaVA and saves it in the llava-hf layout; returns the directory."""
+    from offline_search.checkpoint import save_llava_checkpoint
+
+    model, processor = build_tiny_llava(spec, corpus)
+    return save_llava_checkpoint(model, processor, out_dir)

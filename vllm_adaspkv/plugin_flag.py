@@ -1,0 +1,92 @@
+"""The `--plugin` option of `vllm serve` (and of every command built on vLLM's `EngineArgs`).
+
+vLLM 0.32 has no such option. It does load general plugins inside `AsyncEngineArgs.add_cli_args`,
+*before* that calls `EngineArgs.add_cli_args`, so a plugin that wraps `EngineArgs.add_cli_args`
+adds options to the parser without editing vLLM's files. Installed plugins are always loaded, so
+the option is what turns this one's behaviour on: `--plugin adaspkv` is carried to the engine core
+and the workers in `VllmConfig.additional_config["adaspkv"]`, never through module state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+logger = logging.getLogger("vllm.adaspkv")
+
+PLUGIN_NAME = "adaspkv"
+# Plugins that this option can switch on. Others installed beside us do not read it.
+KNOWN_PLUGINS: tuple[str, ...] = (PLUGIN_NAME,)
+ADDITIONAL_CONFIG_KEY = "adaspkv"
+_WRAPPED = "_adaspkv_wrapped"
+
+
+def plugin_name(value: str) -> str:
+    """argparse type of `--plugin`: one of KNOWN_PLUGINS."""
+    if value not in KNOWN_PLUGINS:
+        raise argparse.ArgumentTypeError(
+            f"unknown plugin {value!r}; known plugins: {', '.join(KNOWN_PLUGINS)}"
+        )
+    return value
+
+
+def add_plugin_argument(parser: argparse.ArgumentParser) -> None:
+    """Adds `--plugin NAME` in an argument group of its own (`--help=adaspkv` shows it)."""
+    if "--plugin" in parser._option_string_actions:  # the same parser seen twice
+        return
+    group = parser.add_argument_group(
+        title=PLUGIN_NAME,
+        description="Options added by the vllm-adaspkv plugin.",
+    )
+    group.add_argument(
+        "--plugin",
+        type=plugin_name,
+        default=None,
+        metavar="NAME",
+        help=(
+            "Turn on an installed plugin's behaviour for this model. "
+            f"Known: {', '.join(KNOWN_PLUGINS)}. `--plugin adaspkv` serves a compressed "
+            "artifact (per-layer weight masks and KV-cache bit widths)."
+        ),
+    )
+
+
+def enabled_in(additional_config: dict[str, Any] | None) -> bool:
+    """Whether `--plugin adaspkv` reached this process's `VllmConfig.additional_config`."""
+    return bool((additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {}).get("enabled"))
+
+
+def install_plugin_flag() -> None:
+    """Wraps `EngineArgs.add_cli_args` and `EngineArgs.from_cli_args`, once per process."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs.add_cli_args, _WRAPPED, False):
+        return
+    add_cli_args = EngineArgs.add_cli_args
+    from_cli_args = EngineArgs.from_cli_args.__func__
+
+    def add_cli_args_with_plugin(parser, *args, **kwargs):
+        parser = add_cli_args(parser, *args, **kwargs)
+        add_plugin_argument(parser)
+        return parser
+
+    def from_cli_args_with_plugin(cls, args: argparse.Namespace):
+        engine_args = from_cli_args(cls, args)
+        name = getattr(args, "plugin", None)
+        if name == PLUGIN_NAME:
+            config = dict(engine_args.additional_config or {})
+            config[ADDITIONAL_CONFIG_KEY] = {**config.get(ADDITIONAL_CONFIG_KEY, {}), "enabled": True}
+            engine_args.additional_config = config
+            logger.info(
+                "adaspkv: --plugin %s accepted for model %s; the weight masks and the per-layer "
+                "KV cache are not applied yet in this release, the model is served as stock vLLM "
+                "serves it.",
+                name,
+                engine_args.model,
+            )
+        return engine_args
+
+    setattr(add_cli_args_with_plugin, _WRAPPED, True)
+    EngineArgs.add_cli_args = staticmethod(add_cli_args_with_plugin)
+    EngineArgs.from_cli_args = classmethod(from_cli_args_with_plugin)
