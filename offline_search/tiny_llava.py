@@ -18,8 +18,11 @@ IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
 
 # LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ..."). Accepts plain-string
-# content as well as OpenAI-style content parts; images come before the text of a turn.
+# content as well as OpenAI-style content parts; images come before the text of a turn. The template
+# writes the BOS token itself: chat front ends (vLLM's included) tokenize its output without
+# adding special tokens.
 CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}"
     "{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}{{ '\n' }}"
