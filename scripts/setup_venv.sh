@@ -13,7 +13,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-PYTHON=${PYTHON:-python3.11}
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3 || true)}
 TARGET=${ADASPKV_TARGET:-auto}
 VLLM_VERSION=0.32.0
 TORCH_VERSION=2.13.0
@@ -26,7 +26,11 @@ case "$TARGET" in
   cpu|cuda) ;;
   *) echo "setup_venv: ADASPKV_TARGET=$TARGET is not one of auto, cpu, cuda" >&2; exit 2 ;;
 esac
-echo "setup_venv: installing the $TARGET build of vLLM into $VENV"
+if [ -z "$PYTHON" ] || ! "$PYTHON" -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 13))'; then
+  echo "setup_venv: needs Python 3.11 or 3.12 (python3.11 or python3 on PATH, or PYTHON=...); found '${PYTHON:-none}'" >&2
+  exit 2
+fi
+echo "setup_venv: installing the $TARGET build of vLLM into $VENV with $PYTHON"
 
 PY="$VENV/bin/python"
 [ -x "$PY" ] || "$PYTHON" -m venv "$VENV"
