@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 def ask_once(config: DemoConfig) -> str:
     from openai import OpenAI
 
-    from demo.chat import ask, image_data_url, image_message
+    from offline_search.openai_chat import ask, image_data_url, image_message
     from demo.server import ServerConfig, VllmServer
 
     model_dir = config.model or _tiny_model(config.workdir / "tiny-llava")

@@ -11,7 +11,7 @@ import torch
 from openai import OpenAI
 from PIL import Image
 
-from demo.chat import ask, image_data_url, image_message
+from offline_search.openai_chat import ask, image_data_url, image_message
 from demo.server import ServerConfig, VllmServer
 from offline_search.checkpoint import load_llava
 from offline_search.tiny_llava import TinyLlavaSpec

@@ -16,6 +16,14 @@ from vllm_adaspkv import __version__
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "eval": (
+        "offline_search.eval_command",
+        "WikiText-2 perplexity and ShapesVQA accuracy, offline or through a server",
+    ),
+    "train-tiny": (
+        "offline_search.train_command",
+        "train shapes-llava, the project's small LLaVA, from scratch",
+    ),
     "demo": (
         "demo.cli",
         "serve a LLaVA with the adaspkv plugin and ask it about an image",

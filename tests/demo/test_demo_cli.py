@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from demo.chat import image_data_url, image_message
+from offline_search.openai_chat import image_data_url, image_message
 from demo.cli import DEFAULT_IMAGE, DemoConfig
 from demo.server import ServerConfig, ServerStartError, VllmServer, free_port
 from vllm_adaspkv.cli import main

@@ -9,15 +9,20 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 
+def pil_data_url(image: Image.Image) -> str:
+    """A base64 PNG data URL: lossless, so the server sees exactly these pixels."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def image_data_url(path: str | Path) -> str:
-    """The image as a base64 PNG data URL (re-encoded, so any format PIL reads works)."""
+    """The image file as a base64 PNG data URL (re-encoded, so any format PIL reads works)."""
     try:
         with Image.open(path) as image:
-            buf = io.BytesIO()
-            image.convert("RGB").save(buf, format="PNG")
+            return pil_data_url(image)
     except (FileNotFoundError, UnidentifiedImageError) as exc:
         raise ValueError(f"cannot read image {str(path)!r}: {exc}") from exc
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def image_message(question: str, image_url: str) -> dict:

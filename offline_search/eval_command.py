@@ -1,0 +1,65 @@
+"""Evaluate a LLaVA: WikiText-2 test perplexity (with a unigram baseline) and ShapesVQA test
+accuracy, offline through transformers or through a running OpenAI-compatible server (--server)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from offline_search.evaluate import TASKS, EvalConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="bundled model name (shapes-llava) or LLaVA checkpoint directory; with "
+                             "--server, the checkpoint the server runs (its tokenizer is used)")
+    parser.add_argument("--tasks", default=",".join(TASKS),
+                        help="comma-separated, from: %(default)s")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="at most N WikiText windows and N ShapesVQA questions (default: all; "
+                             "the ShapesVQA test split has 1000)")
+    parser.add_argument("--server", default=None,
+                        help="evaluate through this OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--served-model", default=None,
+                        help="model name on the server (default: the first one it lists)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="perplexity window length (default: the model's max_position_embeddings)")
+    parser.add_argument("--batch-size", type=int, default=16, help="offline batch size (default: %(default)s)")
+    parser.add_argument("--json", type=Path, default=None, dest="json_out",
+                        help="write the results (and the settings) to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from offline_search.evaluate import evaluate
+    from offline_search.model_registry import resolve_model
+
+    try:
+        config = EvalConfig(model=args.model, tasks=tuple(t for t in args.tasks.split(",") if t),
+                            limit=args.limit, server=args.server, served_model=args.served_model,
+                            seq_len=args.seq_len, batch_size=args.batch_size)
+        model_dir = resolve_model(config.model)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"adaspkv eval: {exc}") from None
+    results = evaluate(config, model_dir)
+    print(format_table(results))
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {**results, "settings": {k: v for k, v in vars(config).items()}}
+        args.json_out.write_text(json.dumps(payload, indent=1))
+        print(f"results written to {args.json_out}")
+    return 0
+
+
+def format_table(results: dict) -> str:
+    rows = [("model", results["model"]), ("backend", results["backend"])]
+    if "wikitext2_ppl" in results:
+        rows += [("wikitext2 perplexity", f"{results['wikitext2_ppl']:.2f}"),
+                 ("  unigram baseline", f"{results['unigram_ppl']:.2f}"),
+                 ("  windows x tokens", f"{results['wikitext2_windows']} x {results['wikitext2_seq_len']}")]
+    if "shapesvqa_accuracy" in results:
+        rows += [("shapesvqa accuracy", f"{results['shapesvqa_accuracy']:.4f}"),
+                 ("  questions", str(results["shapesvqa_questions"]))]
+        rows += [(f"  {kind}", f"{acc:.3f}") for kind, acc in results["shapesvqa_by_type"].items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -1,0 +1,159 @@
+"""The evaluation harness behind `adaspkv eval`: WikiText-2 perplexity and ShapesVQA accuracy,
+measured offline through transformers or through a running OpenAI-compatible server, the same way."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from offline_search import shapes_vqa
+from offline_search.perplexity import perplexity, unigram_perplexity, window_nll, windows
+from offline_search.text_data import joined_text, wikitext_path
+from offline_search.vqa_batches import prompt_inputs
+
+TASKS = ("wikitext2", "shapesvqa")
+SHAPES_TEST_SIZE = 1000  # the test split: samples 0..999 of the test seed
+ANSWER_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str  # bundled name or checkpoint directory
+    tasks: tuple[str, ...] = TASKS
+    limit: int | None = None  # at most this many WikiText windows / ShapesVQA questions
+    server: str | None = None  # base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000
+    served_model: str | None = None  # the server's model name (default: its first model)
+    seq_len: int | None = None  # default: the model's max_position_embeddings
+    batch_size: int = 16
+    concurrency: int = 8  # parallel requests to a server
+
+    def __post_init__(self):
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"--tasks {','.join(self.tasks)!r}: unknown task(s) {unknown}; "
+                             f"choose from {', '.join(TASKS)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit {self.limit}: must be >= 1")
+        if self.server is not None and not self.server.startswith(("http://", "https://")):
+            raise ValueError(f"--server {self.server!r}: give a URL such as http://127.0.0.1:8000")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ValueError(f"--seq-len {self.seq_len}: must be >= 2")
+        if self.batch_size < 1 or self.concurrency < 1:
+            raise ValueError("--batch-size and --concurrency must be >= 1")
+
+
+def evaluate(config: EvalConfig, model_dir: Path) -> dict:
+    """Runs the configured tasks on the checkpoint in `model_dir` (or on the server serving it)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    seq_len = config.seq_len or AutoConfig.from_pretrained(str(model_dir)).text_config.max_position_embeddings
+    if config.server:
+        backend = ServedModel(config.server, config.served_model, config.concurrency)
+    else:
+        from offline_search.checkpoint import load_llava
+
+        backend = OfflineModel(load_llava(model_dir)[0], processor, config.batch_size)
+    results: dict = {"model": str(model_dir), "backend": backend.describe()}
+    if "wikitext2" in config.tasks:
+        results |= eval_wikitext2(backend, processor.tokenizer, seq_len, config.limit)
+    if "shapesvqa" in config.tasks:
+        limit = min(config.limit or SHAPES_TEST_SIZE, SHAPES_TEST_SIZE)
+        image_size = processor.image_processor.crop_size["height"]
+        results |= eval_shapesvqa(backend, shapes_vqa.samples("test", limit, image_size))
+    return results
+
+
+def eval_wikitext2(backend, tokenizer, seq_len: int, limit: int | None) -> dict:
+    test = torch.tensor(tokenizer(joined_text(wikitext_path("test")), add_special_tokens=False)["input_ids"])
+    train = torch.tensor(tokenizer(joined_text(wikitext_path("validation")), add_special_tokens=False)["input_ids"])
+    chunks = windows(test, seq_len, limit)
+    batches = list(chunks.split(backend.batch_size))
+    ppl = perplexity(backend.window_nll, tqdm(batches, desc="wikitext2", unit="batch"))
+    return {
+        "wikitext2_ppl": ppl,
+        "wikitext2_windows": chunks.shape[0],
+        "wikitext2_seq_len": seq_len,
+        "unigram_ppl": unigram_perplexity(train, test, len(tokenizer)),
+    }
+
+
+def eval_shapesvqa(backend, questions: Sequence[shapes_vqa.Sample]) -> dict:
+    predictions = backend.answers(questions)
+    correct = [shapes_vqa.is_correct(p, q.answer) for p, q in zip(predictions, questions)]
+    by_type_total = Counter(q.question_type for q in questions)
+    by_type_correct = Counter(q.question_type for q, ok in zip(questions, correct) if ok)
+    return {
+        "shapesvqa_accuracy": sum(correct) / len(questions),
+        "shapesvqa_questions": len(questions),
+        "shapesvqa_by_type": {t: by_type_correct[t] / n for t, n in sorted(by_type_total.items())},
+        "shapesvqa_predictions": predictions,
+    }
+
+
+class OfflineModel:
+    """A transformers LLaVA: batched teacher-forced scoring and greedy answers."""
+
+    def __init__(self, model, processor, batch_size: int):
+        self.model, self.processor, self.batch_size = model, processor, batch_size
+
+    def describe(self) -> str:
+        return "transformers"
+
+    @torch.no_grad()
+    def window_nll(self, batch: torch.Tensor) -> torch.Tensor:
+        return window_nll(self.model(input_ids=batch).logits, batch)
+
+    @torch.no_grad()
+    def answers(self, questions: Sequence[shapes_vqa.Sample]) -> list[str]:
+        out = []
+        for start in tqdm(range(0, len(questions), self.batch_size), desc="shapesvqa", unit="batch"):
+            inputs = prompt_inputs(self.processor, questions[start:start + self.batch_size])
+            generated = self.model.generate(**inputs, max_new_tokens=ANSWER_TOKENS, do_sample=False)
+            new = generated[:, inputs["input_ids"].shape[1]:]
+            out += self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [text.strip() for text in out]
+
+
+class ServedModel:
+    """An OpenAI-compatible server (vLLM): chat requests for answers, prompt log-probs for NLL."""
+
+    def __init__(self, base_url: str, model: str | None, concurrency: int):
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="EMPTY", max_retries=0)
+        self.model = model or self.client.models.list().data[0].id
+        self.base_url, self.concurrency, self.batch_size = base_url, concurrency, concurrency
+
+    def describe(self) -> str:
+        return f"server {self.base_url} model {self.model}"
+
+    def window_nll(self, batch: torch.Tensor) -> torch.Tensor:
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return torch.tensor(list(pool.map(self._one_window_nll, batch.tolist())), dtype=torch.float64)
+
+    def _one_window_nll(self, ids: list[int]) -> float:
+        # vLLM's extension: prompt_logprobs=0 returns the log-prob of each prompt token.
+        response = self.client.completions.create(
+            model=self.model, prompt=ids, max_tokens=1, temperature=0.0,
+            extra_body={"prompt_logprobs": 0, "add_special_tokens": False})
+        entries = response.model_extra["prompt_logprobs"] if response.model_extra else None
+        if entries is None:
+            entries = response.choices[0].model_extra["prompt_logprobs"]
+        return -sum(entries[i][str(ids[i])]["logprob"] for i in range(1, len(ids)))
+
+    def answers(self, questions: Sequence[shapes_vqa.Sample]) -> list[str]:
+        from offline_search.openai_chat import ask, image_message, pil_data_url
+
+        def one(q: shapes_vqa.Sample) -> str:
+            return ask(self.client, self.model, [image_message(q.question, pil_data_url(q.image))],
+                       ANSWER_TOKENS).strip()
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(tqdm(pool.map(one, questions), total=len(questions), desc="shapesvqa", unit="q"))

@@ -1,0 +1,47 @@
+"""Perplexity with the protocol of the pruning papers, and a unigram baseline.
+
+Protocol (SparseGPT, Wanda): the test text joined with "\\n\\n", tokenized once, cut into
+non-overlapping windows of the model's sequence length (the tail shorter than one window is dropped),
+every window scored independently; perplexity = exp(mean next-token NLL over all windows).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+
+def windows(tokens: torch.Tensor, seq_len: int, limit: int | None = None) -> torch.Tensor:
+    """[num_windows, seq_len] non-overlapping windows of a 1-D token stream."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len} must be >= 2")
+    count = tokens.numel() // seq_len
+    if limit is not None:
+        count = min(count, limit)
+    if count == 0:
+        raise ValueError(f"{tokens.numel()} tokens make no window of {seq_len}")
+    return tokens[: count * seq_len].view(count, seq_len)
+
+
+def window_nll(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of each window: logits [B, L, V], window [B, L] -> [B]."""
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -logprobs.gather(-1, window[:, 1:, None]).squeeze(-1).sum(dim=1)
+
+
+def perplexity(score_windows: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor]) -> float:
+    """exp(mean NLL); `score_windows` maps [B, L] token windows to their summed NLL [B]."""
+    total, count = 0.0, 0
+    for batch in batches:
+        total += float(score_windows(batch).sum())
+        count += batch.shape[0] * (batch.shape[1] - 1)
+    return math.exp(total / count)
+
+
+def unigram_perplexity(train_tokens: torch.Tensor, test_tokens: torch.Tensor, vocab_size: int) -> float:
+    """Perplexity of add-one-smoothed token frequencies of `train_tokens` on `test_tokens`."""
+    counts = torch.bincount(train_tokens, minlength=vocab_size).double() + 1.0
+    logprobs = torch.log(counts / counts.sum())
+    return math.exp(float(-logprobs[test_tokens].mean()))

@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from offline_search.checkpoint import load_llava
+from offline_search.tiny_llava import TinyLlavaSpec
+from offline_search.train_shapes_llava import TrainConfig, learning_rate, train
+
+SMALL = TinyLlavaSpec(image_size=32, patch_size=8, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"steps": 0}, r"TrainConfig.steps=0 must be >= 1"),
+     ({"lr": 2.0}, r"TrainConfig.lr=2.0 must be in \(0, 1\)"),
+     ({"text_window": 65}, r"TrainConfig.text_window=65 must not exceed the model's max_position_embeddings=64")],
+)
+def test_train_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(out_dir=Path("x"), spec=SMALL, **kwargs)
+
+
+def test_learning_rate_warms_up_then_decays():
+    config = TrainConfig(out_dir=Path("x"), steps=100, warmup_steps=10, lr=1e-3, spec=SMALL, text_window=32)
+    assert learning_rate(config, 0) == pytest.approx(1e-4)
+    assert learning_rate(config, 9) == pytest.approx(1e-3)
+    assert learning_rate(config, 55) == pytest.approx(5e-4)
+    assert learning_rate(config, 100) == pytest.approx(0.0)
+
+
+def test_a_killed_run_resumes_and_ends_with_the_same_weights(tmp_path, monkeypatch):
+    def config(out):
+        return TrainConfig(out_dir=out, steps=4, vqa_batch=2, text_batch=1, text_window=32,
+                           checkpoint_every=2, warmup_steps=1, spec=SMALL)
+
+    straight, _ = load_llava(train(config(tmp_path / "straight")))
+
+    # The same run killed during step 3: the state of step 2 stays on disk.
+    import offline_search.train_shapes_llava as training
+
+    real_batch, calls = training.answer_batch, []
+
+    def dying_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(training, "answer_batch", dying_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "resumed"))
+    assert torch.load(tmp_path / "resumed" / "train_state.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(training, "answer_batch", real_batch)
+
+    resumed, _ = load_llava(train(config(tmp_path / "resumed")))
+    assert not (tmp_path / "resumed" / "train_state.pt").exists()
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
