@@ -139,13 +139,21 @@ class ServedModel:
             return torch.tensor(list(pool.map(self._one_window_nll, batch.tolist())), dtype=torch.float64)
 
     def _one_window_nll(self, ids: list[int]) -> float:
-        # vLLM's extension: prompt_logprobs=0 returns the log-prob of each prompt token.
-        response = self.client.completions.create(
-            model=self.model, prompt=ids, max_tokens=1, temperature=0.0,
-            extra_body={"prompt_logprobs": 0, "add_special_tokens": False})
-        entries = response.model_extra["prompt_logprobs"] if response.model_extra else None
-        if entries is None:
-            entries = response.choices[0].model_extra["prompt_logprobs"]
+        from openai import BadRequestError
+
+        # vLLM's extension: prompt_logprobs=0 returns the log-prob of each prompt token. A request
+        # must also generate one token, so the server's max_model_len must exceed the window.
+        try:
+            response = self.client.completions.create(
+                model=self.model, prompt=ids, max_tokens=1, temperature=0.0,
+                extra_body={"prompt_logprobs": 0, "add_special_tokens": False})
+        except BadRequestError as exc:
+            raise RuntimeError(
+                f"the server refused a perplexity window of {len(ids)} tokens ({exc.message}); "
+                f"its max_model_len must be at least {len(ids) + 1}: start vLLM with --max-model-len "
+                f"{len(ids) + 1} (and VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 if that exceeds the model's "
+                "limit), or evaluate shorter windows with --seq-len") from None
+        entries = response.choices[0].model_extra["prompt_logprobs"]  # [None, {id: {...}}, ...]
         return -sum(entries[i][str(ids[i])]["logprob"] for i in range(1, len(ids)))
 
     def answers(self, questions: Sequence[shapes_vqa.Sample]) -> list[str]:

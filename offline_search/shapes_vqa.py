@@ -68,6 +68,13 @@ def samples(split: str, count: int, image_size: int = 64, start: int = 0) -> lis
     return [sample(split, i, image_size) for i in range(start, start + count)]
 
 
+def caption(shapes: tuple[Shape, ...]) -> str:
+    """Every shape, row by row: "red circle top left, blue square bottom right"."""
+    ordered = sorted(shapes, key=lambda s: (s.row, s.column))
+    return ", ".join(f"{s.colour} {s.kind} {('top', 'bottom')[s.row]} {('left', 'right')[s.column]}"
+                     for s in ordered)
+
+
 def normalize_answer(text: str) -> str:
     """First word, lower case, no punctuation; digits become number words ("2" -> "two")."""
     words = re.findall(r"[a-z0-9]+", text.lower())

@@ -65,6 +65,9 @@ class TinyLlavaSpec:
     vocab_size: int = 512  # upper bound: BPE stops early on a small corpus
     max_position_embeddings: int = 512
     seed: int = 0
+    # Which vision layer's output feeds the projector: LLaVA-1.5 uses -2 (the second-to-last);
+    # shapes-llava uses -1, so that no trained layer goes unused.
+    vision_feature_layer: int = -2
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
@@ -88,8 +91,10 @@ class TinyLlavaSpec:
                 f"patch_size={self.patch_size}"
             )
         if self.vision_layers < 2:
-            # LLaVA reads the second-to-last vision layer (vision_feature_layer=-2).
             raise ValueError(f"TinyLlavaSpec.vision_layers={self.vision_layers} must be >= 2")
+        if not -self.vision_layers <= self.vision_feature_layer <= -1:
+            raise ValueError(f"TinyLlavaSpec.vision_feature_layer={self.vision_feature_layer} must be "
+                             f"in [-{self.vision_layers}, -1]")
         if self.vocab_size < 300:
             raise ValueError(
                 f"TinyLlavaSpec.vocab_size={self.vocab_size} must be >= 300 "
@@ -179,7 +184,7 @@ def build_llava_config(spec: TinyLlavaSpec, tokenizer):
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
+        vision_feature_layer=spec.vision_feature_layer,
         projector_hidden_act="gelu",
         image_seq_length=spec.num_image_tokens,
         tie_word_embeddings=False,

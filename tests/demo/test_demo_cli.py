@@ -6,26 +6,38 @@ import pytest
 from PIL import Image
 
 from offline_search.openai_chat import image_data_url, image_message
-from demo.cli import DEFAULT_IMAGE, DemoConfig
+from demo.cli import ASSETS, DemoConfig, _image_and_question
 from demo.server import ServerConfig, ServerStartError, VllmServer, free_port
 from vllm_adaspkv.cli import main
 
 
+PHOTO = ASSETS / "images" / "waterview.jpg"
+
+
 def _config(tmp_path, **overrides):
-    fields = dict(model=None, image=DEFAULT_IMAGE, question="What is it?", workdir=tmp_path)
+    fields = dict(model="shapes-llava", image=PHOTO, question="What is it?", workdir=tmp_path)
     return DemoConfig(**{**fields, **overrides})
 
 
-def test_bundled_image_and_licence_note_exist():
-    assert DEFAULT_IMAGE.is_file()
-    assert "Apache-2.0" in (DEFAULT_IMAGE.parent.parent / "README.md").read_text()
+def test_bundled_images_and_licence_note_exist():
+    assert PHOTO.is_file() and (ASSETS / "images" / "extreme_ironing.jpg").is_file()
+    assert "Apache-2.0" in (ASSETS / "README.md").read_text()
+
+
+def test_default_question_is_a_shapesvqa_test_sample(tmp_path):
+    image, question, expected = _image_and_question(_config(tmp_path, image=None, question=None, shapes_index=3))
+    assert image.is_file() and image.suffix == ".png"
+    assert question.endswith("?") and expected
+    _, own_question, no_expectation = _image_and_question(_config(tmp_path, image=None, question="Why?"))
+    assert (own_question, no_expectation) == ("Why?", None)
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"image": Path("missing.png")}, r"--image missing.png: no such file"),
-        ({"model": Path("/nonexistent")}, r"--model /nonexistent: no config.json there"),
+        ({"question": None}, r"--image .*waterview.jpg needs a --question"),
+        ({"shapes_index": -1}, r"--shapes-index -1: must be >= 0"),
         ({"question": "  "}, r"--question is empty"),
         ({"max_tokens": 0}, r"--max-tokens 0: must be >= 1"),
         ({"kv_cache_memory_bytes": 10}, r"--kv-cache-memory-bytes 10: must be >= 1 MiB"),
@@ -38,7 +50,9 @@ def test_demo_config_errors_name_the_option(tmp_path, overrides, message):
 
 def test_demo_command_reports_bad_input_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"adaspkv demo: --image .*nope.jpg: no such file"):
-        main(["demo", "--image", str(tmp_path / "nope.jpg"), "--workdir", str(tmp_path)])
+        main(["demo", "--image", str(tmp_path / "nope.jpg"), "--question", "Q?", "--workdir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"adaspkv demo: model '/nonexistent' is neither a bundled model"):
+        main(["demo", "--model", "/nonexistent", "--workdir", str(tmp_path)])
 
 
 def test_image_data_url_round_trips(tmp_path):

@@ -29,6 +29,7 @@ LLAVA_HF_PREFIXES = (
         ({"image_size": 30, "patch_size": 8}, r"image_size=30 must be a multiple of patch_size=8"),
         ({"vision_layers": 1}, r"vision_layers=1 must be >= 2"),
         ({"vocab_size": 100}, r"vocab_size=100 must be >= 300"),
+        ({"vision_feature_layer": 0}, r"vision_feature_layer=0 must be in \[-2, -1\]"),
     ],
 )
 def test_spec_rejects_bad_sizes(kwargs, message):

@@ -32,7 +32,7 @@ def test_learning_rate_warms_up_then_decays():
 def test_a_killed_run_resumes_and_ends_with_the_same_weights(tmp_path, monkeypatch):
     def config(out):
         return TrainConfig(out_dir=out, steps=4, vqa_batch=2, text_batch=1, text_window=32,
-                           checkpoint_every=2, warmup_steps=1, spec=SMALL)
+                           checkpoint_every=2, warmup_steps=1, vqa_only_steps=1, spec=SMALL)
 
     straight, _ = load_llava(train(config(tmp_path / "straight")))
 

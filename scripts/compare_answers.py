@@ -1,0 +1,24 @@
+"""Compares two `adaspkv eval --json` files question by question.
+
+    .venv/bin/python scripts/compare_answers.py offline.json served.json
+
+Prints how many ShapesVQA answers agree exactly and the accuracy and perplexity of each run.
+"""
+
+import json
+import sys
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    a, b = (json.load(open(path)) for path in sys.argv[1:])
+    pa, pb = a["shapesvqa_predictions"], b["shapesvqa_predictions"]
+    if len(pa) != len(pb):
+        sys.exit(f"the two runs answered different numbers of questions ({len(pa)} and {len(pb)})")
+    agree = sum(x == y for x, y in zip(pa, pb))
+    print(f"answers agreeing: {agree}/{len(pa)} = {agree / len(pa):.4f}")
+    for name, run in zip(sys.argv[1:], (a, b)):
+        ppl = run.get("wikitext2_ppl")
+        print(f"{name}: shapesvqa accuracy {run['shapesvqa_accuracy']:.4f}"
+              + (f", wikitext2 ppl {ppl:.3f}" if ppl is not None else "") + f" ({run['backend']})")
+    print(f"accuracy difference: {abs(a['shapesvqa_accuracy'] - b['shapesvqa_accuracy']) * 100:.2f} points")

@@ -1,0 +1,49 @@
+"""Starts `vllm serve` on a model, evaluates it through the OpenAI API, stops the server.
+
+    .venv/bin/python scripts/eval_through_vllm.py --model shapes-llava --json served.json \\
+        [--limit N] [-- extra vllm serve arguments]
+
+The same as `adaspkv eval --server URL` against a server you started yourself; by default the
+server runs in float32 (as the offline evaluation does) with a 64 MiB KV cache, and with a context
+one token longer than the model's, because a request for prompt log-probs (perplexity) over a
+full-length window must also generate one token.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from demo.server import ServerConfig, VllmServer
+from offline_search.eval_command import format_table
+from offline_search.evaluate import TASKS, EvalConfig, evaluate
+from offline_search.model_registry import resolve_model
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--json", type=Path, required=True, dest="json_out")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--limit", type=int, default=None)
+    args = parser.parse_args(argv)
+    model_dir = resolve_model(args.model)
+    context = AutoConfig.from_pretrained(str(model_dir)).text_config.max_position_embeddings
+    serve_args = tuple(extra) or ("--dtype", "float32", "--kv-cache-memory-bytes", str(64 << 20),
+                                  "--max-model-len", str(context + 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        config = ServerConfig(model=str(model_dir), log_file=Path(tmp) / "vllm-serve.log",
+                              extra_args=serve_args, env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"})
+        with VllmServer(config) as server:
+            eval_config = EvalConfig(model=args.model, tasks=tuple(args.tasks.split(",")),
+                                     limit=args.limit, server=server.base_url)
+            results = evaluate(eval_config, model_dir)
+    results["vllm_serve_args"] = list(serve_args)
+    print(format_table(results))
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps({**results, "settings": vars(eval_config)}, indent=1))

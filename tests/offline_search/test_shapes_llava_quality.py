@@ -1,0 +1,55 @@
+"""The quality oracle: the bundled shapes-llava answers ShapesVQA, models WikiText-2 far better than
+a unigram model, loses quality under 50% magnitude pruning, and is served by stock vLLM with the same
+answers as transformers gives."""
+
+import pytest
+
+from demo.server import ServerConfig, VllmServer
+from offline_search.checkpoint import load_llava, save_llava_checkpoint
+from offline_search.evaluate import EvalConfig, evaluate
+from offline_search.masks import magnitude_scores
+from offline_search.model_registry import resolve_model
+from offline_search.prune_model import prune_uniform
+
+pytestmark = pytest.mark.slow
+
+LIMIT = 200  # questions and windows: enough to separate the cases below, quick on 2 cores
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return evaluate(EvalConfig(model="shapes-llava", limit=LIMIT, batch_size=32),
+                    resolve_model("shapes-llava"))
+
+
+def test_dense_model_answers_and_beats_the_unigram_line(dense):
+    assert dense["shapesvqa_accuracy"] >= 0.88
+    assert dense["wikitext2_ppl"] < 0.5 * dense["unigram_ppl"]
+
+
+def test_magnitude_pruning_half_the_weights_hurts_both_tasks(dense, tmp_path):
+    model, processor = load_llava(resolve_model("shapes-llava"))
+    prune_uniform(model, magnitude_scores, 0.5)
+    pruned_dir = save_llava_checkpoint(model, processor, tmp_path / "pruned")
+    pruned = evaluate(EvalConfig(model=str(pruned_dir), limit=LIMIT, batch_size=32), pruned_dir)
+    assert pruned["shapesvqa_accuracy"] <= dense["shapesvqa_accuracy"] - 0.05
+    assert pruned["wikitext2_ppl"] >= 1.1 * dense["wikitext2_ppl"]
+
+
+def test_stock_vllm_serves_the_same_answers_and_perplexity(dense, vllm_env, tmp_path):
+    # One token of context more than the model's: a perplexity request over a full window must
+    # also generate one token.
+    context = dense["wikitext2_seq_len"]
+    config = ServerConfig(model=str(resolve_model("shapes-llava")), log_file=tmp_path / "serve.log",
+                          extra_args=("--dtype", "float32", "--kv-cache-memory-bytes", str(64 << 20),
+                                      "--max-model-len", str(context + 1)),
+                          env={**vllm_env, "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}, startup_timeout_s=600)
+    with VllmServer(config) as server:
+        served = evaluate(EvalConfig(model="shapes-llava", limit=LIMIT, server=server.base_url),
+                          resolve_model("shapes-llava"))
+    agree = sum(a == b for a, b in zip(dense["shapesvqa_predictions"], served["shapesvqa_predictions"]))
+    assert agree / LIMIT >= 0.95
+    assert abs(served["shapesvqa_accuracy"] - dense["shapesvqa_accuracy"]) <= 0.02
+    # Perplexity through the server's prompt log-probs: the same windows, the same number.
+    assert served["wikitext2_windows"] == dense["wikitext2_windows"]
+    assert served["wikitext2_ppl"] == pytest.approx(dense["wikitext2_ppl"], rel=0.01)
