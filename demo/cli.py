@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=DemoConfig.kv_cache_memory_bytes,
                         help="KV-cache size handed to vLLM (default: %(default)s)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo"),
-                        help="where the built model and the server log go (default: %(default)s)")
+                        help="where the question image and the server log go (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
