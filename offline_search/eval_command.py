@@ -44,11 +44,15 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate(config, model_dir)
     print(format_table(results))
     if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {**results, "settings": {k: v for k, v in vars(config).items()}}
-        args.json_out.write_text(json.dumps(payload, indent=1))
+        write_results(results, config, args.json_out)
         print(f"results written to {args.json_out}")
     return 0
+
+
+def write_results(results: dict, config: EvalConfig, path: Path) -> None:
+    """The results with the settings that produced them, as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**results, "settings": vars(config)}, indent=1))
 
 
 def format_table(results: dict) -> str:

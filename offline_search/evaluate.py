@@ -100,8 +100,9 @@ def eval_shapesvqa(backend, questions: Sequence[shapes_vqa.Sample]) -> dict:
 class OfflineModel:
     """A transformers LLaVA: batched teacher-forced scoring and greedy answers."""
 
-    def __init__(self, model, processor, batch_size: int):
+    def __init__(self, model, processor, batch_size: int, show_progress: bool = True):
         self.model, self.processor, self.batch_size = model, processor, batch_size
+        self.show_progress = show_progress
 
     def describe(self) -> str:
         return "transformers"
@@ -113,7 +114,8 @@ class OfflineModel:
     @torch.no_grad()
     def answers(self, questions: Sequence[shapes_vqa.Sample]) -> list[str]:
         out = []
-        for start in tqdm(range(0, len(questions), self.batch_size), desc="shapesvqa", unit="batch"):
+        starts = range(0, len(questions), self.batch_size)
+        for start in tqdm(starts, desc="shapesvqa", unit="batch", disable=not self.show_progress):
             inputs = prompt_inputs(self.processor, questions[start:start + self.batch_size])
             generated = self.model.generate(**inputs, max_new_tokens=ANSWER_TOKENS, do_sample=False)
             new = generated[:, inputs["input_ids"].shape[1]:]

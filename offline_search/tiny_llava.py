@@ -199,10 +199,14 @@ def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec(), corpus: Sequence[str
     config = build_llava_config(spec, processor.tokenizer)
     torch.manual_seed(spec.seed)
     model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.bos_token_id = processor.tokenizer.bos_token_id
-    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    set_generation_tokens(model, processor.tokenizer)
     return model, processor
+
+
+def set_generation_tokens(model, tokenizer) -> None:
+    """The tokenizer's BOS, EOS and pad ids in the model's generation config (saved beside it)."""
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, name, getattr(tokenizer, name))
 
 
 def make_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec(),

@@ -7,8 +7,8 @@ asks for a caption ("Describe the image." -> "red circle top left, ..."), which 
 and so teaches the binding of colour, kind and place that the one-word questions need. The first
 `vqa_only_steps` steps leave the text out. Both measured here: without captions, ShapesVQA
 validation accuracy stayed near 0.6 after 3500 steps; with text from the start at lr 2e-3, the
-language model learned to ignore the image tokens and never recovered. The run saves a resumable state every
-`checkpoint_every` steps, so a killed run continues where it stopped.
+language model learned to ignore the image tokens and never recovered. The run saves a resumable
+state every `checkpoint_every` steps, so a killed run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from tqdm import tqdm
 from offline_search import shapes_vqa
 from offline_search.checkpoint import save_llava_checkpoint
 from offline_search.text_data import joined_text, read_lines, wikitext_path
-from offline_search.tiny_llava import TinyLlavaSpec, build_llava_config, build_processor
-from offline_search.vqa_batches import answer_batch, prompt_inputs, random_windows
+from offline_search.evaluate import OfflineModel, eval_shapesvqa
+from offline_search.tiny_llava import TinyLlavaSpec, build_llava_config, build_processor, set_generation_tokens
+from offline_search.vqa_batches import answer_batch, random_windows
 
 # 4.9M parameters; head_dim 64 is one that vLLM's CPU attention supports.
 SHAPES_LLAVA_SPEC = TinyLlavaSpec(
@@ -52,7 +53,6 @@ class TrainConfig:
     checkpoint_every: int = 100
     validate_every: int = 500  # greedy accuracy on 140 ShapesVQA validation questions
     seed: int = 0
-    threads: int = 0  # 0: torch's default
     spec: TinyLlavaSpec = field(default_factory=lambda: SHAPES_LLAVA_SPEC)
     text_file: Path = field(default_factory=lambda: wikitext_path("validation"))
 
@@ -94,24 +94,20 @@ def with_captions(batch: list[shapes_vqa.Sample], every: int) -> list[shapes_vqa
             for i, s in enumerate(batch)]
 
 
-@torch.no_grad()
 def validation_accuracy(model, processor, image_size: int, count: int = 140) -> float:
+    """Greedy ShapesVQA accuracy on the first `count` validation questions, as `adaspkv eval` scores."""
     model.eval()
     questions = shapes_vqa.samples("validation", count, image_size)
-    inputs = prompt_inputs(processor, questions)
-    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    answers = processor.tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1]:],
-                                               skip_special_tokens=True)
+    backend = OfflineModel(model, processor, batch_size=count, show_progress=False)
+    accuracy = eval_shapesvqa(backend, questions)["shapesvqa_accuracy"]
     model.train()
-    return sum(map(shapes_vqa.is_correct, answers, [q.answer for q in questions])) / count
+    return accuracy
 
 
 def train(config: TrainConfig) -> Path:
     """Trains (or resumes) and writes the checkpoint to `config.out_dir`; returns it."""
     from transformers import LlavaForConditionalGeneration
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
     processor = build_processor(config.spec, tokenizer_corpus(config.text_file))
     torch.manual_seed(config.seed)
     model = LlavaForConditionalGeneration(build_llava_config(config.spec, processor.tokenizer))
@@ -164,8 +160,7 @@ def train(config: TrainConfig) -> Path:
     progress.close()
 
     model.eval()
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        setattr(model.generation_config, name, getattr(processor.tokenizer, name))
+    set_generation_tokens(model, processor.tokenizer)
     save_llava_checkpoint(model, processor, config.out_dir)
     state_file.unlink()
     return config.out_dir

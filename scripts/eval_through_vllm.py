@@ -10,7 +10,6 @@ full-length window must also generate one token.
 """
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from demo.server import ServerConfig, VllmServer
-from offline_search.eval_command import format_table
+from offline_search.eval_command import format_table, write_results
 from offline_search.evaluate import TASKS, EvalConfig, evaluate
 from offline_search.model_registry import resolve_model
 
@@ -45,5 +44,4 @@ if __name__ == "__main__":
             results = evaluate(eval_config, model_dir)
     results["vllm_serve_args"] = list(serve_args)
     print(format_table(results))
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps({**results, "settings": vars(eval_config)}, indent=1))
+    write_results(results, eval_config, args.json_out)
