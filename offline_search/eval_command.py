@@ -14,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="bundled model name (shapes-llava) or LLaVA checkpoint directory; with "
                              "--server, the checkpoint the server runs (its tokenizer is used)")
+    parser.add_argument("--artifact", default=None,
+                        help="an adaspkv artifact directory made from --model: evaluate with its masks "
+                             "applied (offline only)")
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help="comma-separated, from: %(default)s")
     parser.add_argument("--limit", type=int, default=None,
@@ -35,13 +38,13 @@ def run(args: argparse.Namespace) -> int:
     from offline_search.model_registry import resolve_model
 
     try:
-        config = EvalConfig(model=args.model, tasks=tuple(t for t in args.tasks.split(",") if t),
+        config = EvalConfig(model=args.model, artifact=args.artifact, tasks=tuple(t for t in args.tasks.split(",") if t),
                             limit=args.limit, server=args.server, served_model=args.served_model,
                             seq_len=args.seq_len, batch_size=args.batch_size)
         model_dir = resolve_model(config.model)
-    except (ValueError, FileNotFoundError) as exc:
+        results = evaluate(config, model_dir)
+    except (ValueError, FileNotFoundError) as exc:  # user errors (ArtifactError is one): one line
         raise SystemExit(f"adaspkv eval: {exc}") from None
-    results = evaluate(config, model_dir)
     print(format_table(results))
     if args.json_out:
         write_results(results, config, args.json_out)
@@ -57,6 +60,8 @@ def write_results(results: dict, config: EvalConfig, path: Path) -> None:
 
 def format_table(results: dict) -> str:
     rows = [("model", results["model"]), ("backend", results["backend"])]
+    if "artifact" in results:
+        rows.append(("artifact", results["artifact"]))
     if "wikitext2_ppl" in results:
         rows += [("wikitext2 perplexity", f"{results['wikitext2_ppl']:.2f}"),
                  ("  unigram baseline", f"{results['unigram_ppl']:.2f}"),

@@ -25,6 +25,7 @@ ANSWER_TOKENS = 4
 @dataclass(frozen=True)
 class EvalConfig:
     model: str  # bundled name or checkpoint directory
+    artifact: str | None = None  # an adaspkv artifact over `model`: its masks are applied
     tasks: tuple[str, ...] = TASKS
     limit: int | None = None  # at most this many WikiText windows / ShapesVQA questions
     server: str | None = None  # base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000
@@ -44,6 +45,9 @@ class EvalConfig:
             raise ValueError(f"--server {self.server!r}: give a URL such as http://127.0.0.1:8000")
         if self.seq_len is not None and self.seq_len < 2:
             raise ValueError(f"--seq-len {self.seq_len}: must be >= 2")
+        if self.artifact is not None and self.server is not None:
+            raise ValueError("--artifact applies an artifact offline; to evaluate a served artifact, "
+                             "serve it (vllm serve ART_DIR --plugin adaspkv) and pass only --server")
         if self.batch_size < 1 or self.concurrency < 1:
             raise ValueError("--batch-size and --concurrency must be >= 1")
 
@@ -57,10 +61,10 @@ def evaluate(config: EvalConfig, model_dir: Path) -> dict:
     if config.server:
         backend = ServedModel(config.server, config.served_model, config.concurrency)
     else:
-        from offline_search.checkpoint import load_llava
-
-        backend = OfflineModel(load_llava(model_dir)[0], processor, config.batch_size)
+        backend = OfflineModel(load_model(model_dir, config.artifact), processor, config.batch_size)
     results: dict = {"model": str(model_dir), "backend": backend.describe()}
+    if config.artifact:
+        results["artifact"] = str(config.artifact)
     if "wikitext2" in config.tasks:
         results |= eval_wikitext2(backend, processor.tokenizer, seq_len, config.limit)
     if "shapesvqa" in config.tasks:
@@ -68,6 +72,32 @@ def evaluate(config: EvalConfig, model_dir: Path) -> dict:
         image_size = processor.image_processor.crop_size["height"]
         results |= eval_shapesvqa(backend, shapes_vqa.samples("test", limit, image_size))
     return results
+
+
+def load_model(model_dir: Path, artifact: str | None):
+    """The transformers LLaVA, with the artifact's masks (or its pruned checkpoint) when given."""
+    from offline_search.checkpoint import load_llava
+    from offline_search.compress import apply_artifact_masks
+    from vllm_adaspkv import artifact as art
+
+    if artifact is None:
+        return load_llava(model_dir)[0]
+    plan = art.read_plan(artifact)
+    source = str(Path(artifact) / art.PLAN_FILE)
+    art.check_base_model(plan, model_dir, source)
+    model = load_llava(artifact if plan.full_checkpoint else model_dir)[0]
+    art.check_num_layers(plan, model.config.text_config.num_hidden_layers, source)
+    if not plan.full_checkpoint:
+        masks = art.read_masks(artifact, plan)
+        shapes = {art.mask_key(i, n): tuple(model.get_submodule(_module_name(i, n)).weight.shape)
+                  for i in range(plan.num_layers()) for n in art.LINEARS}
+        art.check_mask_shapes(masks, shapes, source)
+        apply_artifact_masks(model, masks)
+    return model
+
+
+def _module_name(layer: int, linear: str) -> str:
+    return f"model.language_model.layers.{layer}.{linear}"
 
 
 def eval_wikitext2(backend, tokenizer, seq_len: int, limit: int | None) -> dict:

@@ -16,6 +16,14 @@ from vllm_adaspkv import __version__
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "search": (
+        "offline_search.search_command",
+        "search per-layer sparsity with Optuna TPE and write a compressed artifact",
+    ),
+    "prune": (
+        "offline_search.prune_command",
+        "prune with one metric and allocation (no search) and write a compressed artifact",
+    ),
     "eval": (
         "offline_search.eval_command",
         "WikiText-2 perplexity and ShapesVQA accuracy, offline or through a server",

@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from offline_search.masks import keep_mask, magnitude_scores
-from offline_search.prune_model import PRUNED_LINEARS, language_model_linears, prune_uniform
-from offline_search.tiny_llava import TinyLlavaSpec, build_tiny_llava
+from offline_search.masks import keep_mask
+from offline_search.metrics import magnitude_scores
 
 
 def test_one_by_four_layer_by_hand():
@@ -21,7 +20,8 @@ def test_per_row_and_per_matrix_differ():
 def test_exact_count_with_ties_and_zero_sparsity():
     scores = torch.ones(3, 8)
     assert int((~keep_mask(scores, 0.5)).sum()) == 12
-    assert int((~keep_mask(scores, 0.3, per_row=True)).sum()) == 3 * 2  # floor(0.3 * 8) per row
+    per_row = keep_mask(scores, 0.3, per_row=True)  # round(0.3 * 24) = 7 in all: rows lose 3, 2, 2
+    assert (~per_row).sum(1).tolist() == [3, 2, 2]
     assert keep_mask(scores, 0.0).all()
 
 
@@ -34,17 +34,3 @@ def test_exact_count_with_ties_and_zero_sparsity():
 def test_keep_mask_errors(scores, sparsity, message):
     with pytest.raises(ValueError, match=message):
         keep_mask(scores, sparsity)
-
-
-def test_prune_uniform_touches_only_language_model_linears():
-    model, _ = build_tiny_llava(TinyLlavaSpec(num_layers=2))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    achieved = prune_uniform(model, magnitude_scores, 0.5)
-    assert len(achieved) == 2 * len(PRUNED_LINEARS)
-    assert all(s == pytest.approx(0.5) for s in achieved.values())
-    pruned = {f"{name}.weight" for name in language_model_linears(model)}
-    for key, value in model.state_dict().items():
-        if key in pruned:
-            assert (value == 0).float().mean() == pytest.approx(0.5)
-        else:
-            assert torch.equal(value, before[key]), key

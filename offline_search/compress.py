@@ -1,0 +1,117 @@
+"""`adaspkv search` and `adaspkv prune`: calibrate, allocate (or search), mask, export an artifact."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from offline_search import allocation
+from offline_search.calibration import model_linears
+from offline_search.calibration_cache import cached_calibration, default_cache_dir
+from offline_search.checkpoint import load_llava
+from offline_search.compress_config import CompressConfig
+from offline_search.export import export_artifact
+from offline_search.metrics import wanda_scores
+from offline_search.model_registry import resolve_model
+from offline_search.objective import Objective
+from offline_search.pruner import Pruner
+from vllm_adaspkv.artifact import LINEARS, mask_key
+
+logger = logging.getLogger(__name__)
+
+
+def compress(config: CompressConfig) -> Path:
+    """Runs the whole job and returns the artifact directory."""
+    model_dir = resolve_model(config.model)
+    model, processor = load_llava(model_dir)
+    num_layers = model.config.text_config.num_hidden_layers
+    cache_dir = config.cache_dir or default_cache_dir()
+    stats, cache_file, hit = cached_calibration(model, processor, model_dir, config.calibration, cache_dir,
+                                                config.show_progress)
+    print(f"calibration statistics {'reused from' if hit else 'written to'} {cache_file}")
+    pruner = Pruner(model, stats, config.metric, config.nm, config.amia)
+    objective = Objective(model, processor, config.objective)
+    start = time.perf_counter()
+    dense_value = objective()
+    bare_eval_seconds = time.perf_counter() - start
+    print(f"dense model: {config.objective.describe()} = {dense_value:.4f} ({bare_eval_seconds:.2f} s)")
+
+    sizes = pruner.sizes()
+    layer_weights = [sum(sizes[mask_key(i, name)] for name in LINEARS) for i in range(num_layers)]
+    provenance = {"calibration": {**vars(config.calibration), "cache_file": str(cache_file)},
+                  "objective": config.objective.describe(), "seed": config.seed}
+    study = None
+    if config.allocation == "tpe":
+        from offline_search.search import run_search
+
+        def evaluate_plan(layer_sparsity: list[float]) -> float:
+            pruner.apply(per_linear(layer_sparsity, num_layers))
+            return objective()
+
+        warm = _warm_start(config, stats, pruner, num_layers) if config.warm_start else None
+        study = run_search(config, layer_weights, evaluate_plan, warm, bare_eval_seconds)
+        best = study.best_trial
+        plan = per_linear(_layer_values(config, best.user_attrs["block_sparsity"], num_layers), num_layers)
+        provenance |= {"study_name": study.study_name, "storage": config.storage_url(),
+                       "trial": best.number, "objective_value": best.value,
+                       "trials_completed": sum(t.value is not None for t in study.trials)}
+    else:
+        plan = _fixed_plan(config, stats, pruner, num_layers)
+    masks = pruner.apply(plan)
+    value = objective()
+    evaluation = {"objective": config.objective.describe(), "dense": dense_value, "pruned": value}
+    print(f"pruned model: {config.objective.describe()} = {value:.4f}")
+    return export_artifact(config, model, processor, model_dir, masks, provenance, evaluation, study)
+
+
+def per_linear(layer_sparsity: list[float], num_layers: int) -> dict[str, float]:
+    """Per-layer sparsity -> the same sparsity for every pruned linear of that layer."""
+    return {mask_key(i, name): layer_sparsity[i] for i in range(num_layers) for name in LINEARS}
+
+
+def _layer_values(config: CompressConfig, block_values: list[float], num_layers: int) -> list[float]:
+    return allocation.expand_blocks(block_values, allocation.layer_blocks(num_layers, config.blocks))
+
+
+def _owl_layers(stats: dict, pruner: Pruner, sparsity: float, num_layers: int) -> list[float]:
+    # OWL measures outliers in Wanda scores, whatever metric then ranks the weights.
+    shares = [allocation.outlier_share([wanda_scores(pruner.dense[mask_key(i, n)], stats[mask_key(i, n)]["in_sq"])
+                                        for n in LINEARS]) for i in range(num_layers)]
+    return allocation.owl_plan(shares, sparsity)
+
+
+def _das_linears(stats: dict, pruner: Pruner, sparsity: float) -> dict[str, float]:
+    keys = list(pruner.dense)
+    sizes = [pruner.dense[k].numel() for k in keys]
+    return dict(zip(keys, allocation.das_plan(sizes, [stats[k]["diversity"] for k in keys], sparsity)))
+
+
+def _fixed_plan(config: CompressConfig, stats: dict, pruner: Pruner, num_layers: int) -> dict[str, float]:
+    if config.allocation == "owl":
+        return per_linear(_owl_layers(stats, pruner, config.sparsity, num_layers), num_layers)
+    if config.allocation == "das":
+        return _das_linears(stats, pruner, config.sparsity)
+    return per_linear(allocation.uniform_plan(num_layers, config.sparsity), num_layers)
+
+
+def _warm_start(config: CompressConfig, stats: dict, pruner: Pruner, num_layers: int) -> list[float]:
+    """The OWL or DAS plan as block values on the search grid."""
+    if config.warm_start == "owl":
+        layers = _owl_layers(stats, pruner, config.sparsity, num_layers)
+    else:
+        das = _das_linears(stats, pruner, config.sparsity)
+        layers = [sum(das[mask_key(i, n)] * pruner.dense[mask_key(i, n)].numel() for n in LINEARS)
+                  / sum(pruner.dense[mask_key(i, n)].numel() for n in LINEARS) for i in range(num_layers)]
+    grid = allocation.block_grid(config.sparsity, config.radius, config.step)
+    return allocation.block_means(layers, allocation.layer_blocks(num_layers, config.blocks), grid)
+
+
+@torch.no_grad()
+def apply_artifact_masks(model, masks: dict[str, torch.Tensor]) -> None:
+    """Multiplies the language-model linears by an artifact's keep masks (in place)."""
+    linears = model_linears(model)
+    for key, mask in masks.items():
+        linears[key].weight.mul_(mask.to(linears[key].weight.dtype))

@@ -1,0 +1,87 @@
+"""The configuration of `adaspkv search` and `adaspkv prune`: one frozen dataclass, validated."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from offline_search.calibration import CalibrationConfig
+from offline_search.metrics import METRICS
+from offline_search.objective import ObjectiveConfig
+
+ALLOCATIONS = ("uniform", "owl", "das", "tpe")
+WARM_STARTS = ("owl", "das")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    model: str  # bundled name or checkpoint directory
+    out: Path  # the artifact directory (also holds the study database by default)
+    sparsity: float
+    metric: str
+    allocation: str = "tpe"
+    nm: tuple[int, int] | None = None  # N of every M pruned, e.g. (2, 4)
+    blocks: int = 8
+    trials: int = 50
+    storage: str | None = None  # Optuna storage URL; default sqlite:///OUT/study.db
+    study_name: str | None = None
+    seed: int = 0
+    warm_start: str | None = None  # enqueue the OWL or DAS plan after the uniform one
+    amia: bool = False  # TAMP's token selection feeds the activation norms
+    radius: float = 0.05  # block sparsities S - radius ... S + radius
+    step: float = 0.025
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    full_checkpoint: bool = False
+    cache_dir: Path | None = None  # default: $ADASPKV_CACHE_DIR or ~/.cache/adaspkv
+    show_progress: bool = True
+
+    def __post_init__(self):
+        if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
+            raise ValueError(f"--sparsity {self.sparsity}: must be in [0, 1)")
+        if self.metric not in METRICS:
+            raise ValueError(f"--metric {self.metric!r}: choose from {', '.join(METRICS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"--allocation {self.allocation!r}: choose from {', '.join(ALLOCATIONS)}")
+        if self.nm is not None:
+            n, m = self.nm
+            if self.allocation != "uniform":
+                raise ValueError(f"--nm {n}:{m} prunes every matrix at exactly {n}/{m}; it cannot be "
+                                 f"combined with a per-layer allocation (--allocation {self.allocation})")
+            if not math.isclose(self.sparsity, n / m):
+                raise ValueError(f"--nm {n}:{m} means sparsity {n / m:g}, but --sparsity is {self.sparsity}")
+        if self.trials < 1:
+            raise ValueError(f"--trials {self.trials}: must be >= 1")
+        if self.warm_start is not None:
+            if self.warm_start not in WARM_STARTS:
+                raise ValueError(f"--warm-start {self.warm_start!r}: choose from {', '.join(WARM_STARTS)}")
+            if self.allocation != "tpe":
+                raise ValueError("--warm-start seeds a TPE search: use it with --allocation tpe")
+        if self.amia and self.metric not in ("wanda", "lognorm"):
+            raise ValueError(f"--amia selects the tokens of Wanda's and lognorm's activation term; "
+                             f"metric {self.metric!r} has none")
+        need = {"hessian": self.metric == "sparsegpt", "diversity": self.uses_das, "amia": self.amia}
+        for name, needed in need.items():
+            if needed and not getattr(self.calibration, name):
+                raise ValueError(f"calibration must collect {name} for these settings")
+
+    @property
+    def uses_das(self) -> bool:
+        return self.allocation == "das" or self.warm_start == "das"
+
+    @property
+    def structure(self) -> str:
+        return f"{self.nm[0]}:{self.nm[1]}" if self.nm else "unstructured"
+
+    def default_study_name(self) -> str:
+        return self.study_name or f"adaspkv-{self.metric}-s{self.sparsity:g}-b{self.blocks}-seed{self.seed}"
+
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(Path(self.out) / 'study.db').resolve()}"
+
+    def search_settings(self) -> dict:
+        """What a resumed study must share with the run that started it."""
+        return {"sparsity": self.sparsity, "metric": self.metric, "blocks": self.blocks,
+                "radius": self.radius, "step": self.step, "amia": self.amia,
+                "objective": self.objective.describe(), "calibration": repr(self.calibration)}

@@ -1,0 +1,45 @@
+"""Writes the artifact of a pruning run: adaspkv.json, bit-packed masks, optionally the pruned
+checkpoint, and the report (offline_search/report.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from offline_search.checkpoint import save_llava_checkpoint
+from offline_search.compress_config import CompressConfig
+from offline_search.report import write_report
+from vllm_adaspkv.artifact import LINEARS, BaseModel, LayerPlan, Plan, mask_key, model_sha256, write_artifact
+
+
+def layer_plans(masks: dict[str, torch.Tensor], num_layers: int) -> tuple[LayerPlan, ...]:
+    """Each linear's measured sparsity (not the requested one: rounding per row is visible here)."""
+    return tuple(
+        LayerPlan(sparsity={name: 1.0 - float(masks[mask_key(i, name)].float().mean()) for name in LINEARS})
+        for i in range(num_layers))
+
+
+def export_artifact(config: CompressConfig, model, processor, model_dir: Path, masks: dict[str, torch.Tensor],
+                    provenance: dict, evaluation: dict, study=None) -> Path:
+    out = Path(config.out)
+    # SparseGPT changes the kept weights too: masks over the base model cannot reproduce it.
+    full = config.full_checkpoint or config.metric == "sparsegpt"
+    plan = Plan(
+        base_model=BaseModel(path=str(Path(model_dir).resolve()), sha256=model_sha256(model_dir)),
+        layers=layer_plans(masks, model.config.text_config.num_hidden_layers),
+        metric=config.metric, structure=config.structure,
+        allocation=config.allocation + ("+amia" if config.amia else ""),
+        full_checkpoint=full, provenance=provenance, evaluation=evaluation)
+    write_artifact(out, plan, masks)
+    if full:
+        save_llava_checkpoint(model, processor, out)
+    write_report(out, plan, {k: m.numel() for k, m in masks.items()}, study)
+    print(f"artifact written to {out} (mean sparsity {plan_mean_sparsity(plan, masks):.4f}"
+          f"{', with the pruned checkpoint' if full else ''})")
+    return out
+
+
+def plan_mean_sparsity(plan: Plan, masks: dict[str, torch.Tensor]) -> float:
+    per_linear = {name: masks[mask_key(0, name)].numel() for name in LINEARS}
+    return plan.mean_sparsity(per_linear)

@@ -1,0 +1,106 @@
+"""Search per-block sparsity ratios with Optuna's TPE sampler (arXiv 2507.20613) and write a
+compressed artifact. Calibration statistics are computed once and cached; every trial masks the
+model in memory and measures the objective (WikiText-2 validation perplexity by default). The study
+is stored in OUT/study.db (or --storage): run the same command again to resume a killed search."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from offline_search.calibration import CalibrationConfig
+from offline_search.compress_config import ALLOCATIONS, CompressConfig
+from offline_search.masks import parse_nm
+from offline_search.metrics import METRICS
+from offline_search.objective import OBJECTIVES, ObjectiveConfig
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, allocations: tuple[str, ...], default: str) -> None:
+    """The options shared by `search` and `prune`."""
+    parser.add_argument("--model", required=True, help="bundled model name (shapes-llava) or LLaVA checkpoint directory")
+    parser.add_argument("--sparsity", type=float, required=True,
+                        help="target share of language-model linear weights to zero, e.g. 0.5")
+    parser.add_argument("--metric", choices=METRICS, required=True,
+                        help="weight importance: magnitude |W|; wanda |W|*||X||; lognorm, the paper's "
+                             "log-normalised score; sparsegpt, second-order pruning with weight update")
+    parser.add_argument("--allocation", choices=allocations, default=default,
+                        help="how sparsity is shared among layers: uniform; owl (outlier-weighted); das "
+                             "(TAMP diversity-aware, per matrix); tpe (searched) (default: %(default)s)")
+    parser.add_argument("--nm", default=None, metavar="N:M",
+                        help="semi-structured: prune N of every M consecutive weights (2:4, 4:8); "
+                             "uniform allocation only")
+    parser.add_argument("--amia", action="store_true",
+                        help="TAMP's adaptive multimodal input activation: only selected tokens feed "
+                             "the activation norms of wanda / lognorm")
+    parser.add_argument("--out", type=Path, required=True, help="artifact directory to write")
+    parser.add_argument("--full-checkpoint", action="store_true",
+                        help="also write the pruned checkpoint (llava-hf layout) into --out "
+                             "(always done for sparsegpt, which updates weights)")
+    parser.add_argument("--seed", type=int, default=0, help="sampler seed (default: %(default)s)")
+    group = parser.add_argument_group("calibration")
+    group.add_argument("--calibration-text", default="wikitext2",
+                       help="'wikitext2' (bundled validation split), a UTF-8 text file, or 'none' (default: %(default)s)")
+    group.add_argument("--calibration-windows", type=int, default=32,
+                       help="text windows of the model's context length (default: %(default)s)")
+    group.add_argument("--calibration-images", default="shapesvqa", choices=("shapesvqa", "none"),
+                       help="image + question + answer samples (default: %(default)s)")
+    group.add_argument("--calibration-samples", type=int, default=32,
+                       help="image samples (default: %(default)s)")
+    group.add_argument("--cache-dir", type=Path, default=None,
+                       help="calibration cache (default: $ADASPKV_CACHE_DIR or ~/.cache/adaspkv)")
+    group = parser.add_argument_group("objective (what the search minimises and the export reports)")
+    group.add_argument("--objective", choices=OBJECTIVES, default="wikitext2",
+                       help="wikitext2: validation perplexity; shapesvqa: validation answer loss; mix: "
+                            "weighted sum of both NLLs (default: %(default)s)")
+    group.add_argument("--objective-windows", type=int, default=64, help="text windows (default: %(default)s)")
+    group.add_argument("--objective-samples", type=int, default=64, help="ShapesVQA questions (default: %(default)s)")
+    group.add_argument("--objective-weight", type=float, default=0.5, help="mix: answer NLL weight (default: %(default)s)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, ALLOCATIONS, "tpe")
+    group = parser.add_argument_group("search (--allocation tpe)")
+    group.add_argument("--trials", type=int, default=50, help="completed trials to reach (default: %(default)s)")
+    group.add_argument("--blocks", type=int, default=8,
+                       help="contiguous groups of layers sharing one sparsity; the number of layers for "
+                            "one per layer (default: %(default)s)")
+    group.add_argument("--warm-start", choices=("owl", "das"), default=None,
+                       help="enqueue the OWL or DAS plan as the second trial (the uniform plan is the first)")
+    group.add_argument("--storage", default=None,
+                       help="Optuna storage URL, e.g. postgresql://user@host/db for many workers "
+                            "(default: sqlite:///OUT/study.db)")
+    group.add_argument("--study-name", default=None, help="default: derived from the settings")
+
+
+def config_from_args(args: argparse.Namespace) -> CompressConfig:
+    text = None if args.calibration_text == "none" else args.calibration_text
+    images = None if args.calibration_images == "none" else args.calibration_images
+    warm = getattr(args, "warm_start", None)
+    calibration = CalibrationConfig(
+        text=text, text_windows=args.calibration_windows, images=images,
+        image_samples=args.calibration_samples, hessian=args.metric == "sparsegpt",
+        diversity=args.allocation == "das" or warm == "das", amia=args.amia)
+    objective = ObjectiveConfig(kind=args.objective, windows=args.objective_windows,
+                                vqa_samples=args.objective_samples, mix_weight=args.objective_weight)
+    return CompressConfig(
+        model=args.model, out=args.out, sparsity=args.sparsity, metric=args.metric,
+        allocation=args.allocation, nm=parse_nm(args.nm) if args.nm else None,
+        blocks=getattr(args, "blocks", 8), trials=getattr(args, "trials", 1),
+        storage=getattr(args, "storage", None), study_name=getattr(args, "study_name", None),
+        seed=args.seed, warm_start=warm, amia=args.amia, objective=objective, calibration=calibration,
+        full_checkpoint=args.full_checkpoint, cache_dir=args.cache_dir)
+
+
+def run_command(args: argparse.Namespace, command: str) -> int:
+    from offline_search.compress import compress
+
+    try:
+        config = config_from_args(args)
+        compress(config)
+    except (ValueError, FileNotFoundError) as exc:  # user errors: one line, no traceback
+        raise SystemExit(f"adaspkv {command}: error: {exc}") from None
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_command(args, "search")

@@ -1,0 +1,119 @@
+"""adaspkv prune / search end to end on the test kit's tiny LLaVA (in process, seconds each)."""
+
+import json
+
+import optuna
+import pytest
+import torch
+
+from offline_search.checkpoint import load_llava
+from offline_search.calibration import CalibrationConfig, calibrate
+from offline_search.pruner import Pruner
+from vllm_adaspkv import artifact as art
+from vllm_adaspkv.cli import main
+
+
+def small_run(tiny_llava_dir, out, cache, *extra):
+    return ["--model", str(tiny_llava_dir), "--out", str(out), "--cache-dir", str(cache),
+            "--calibration-windows", "2", "--calibration-samples", "2",
+            "--objective-windows", "2", "--objective-samples", "2", *extra]
+
+
+def weight_sizes(model_dir):
+    model, _ = load_llava(model_dir)
+    return {n: model.model.language_model.layers[0].get_submodule(n).weight.numel() for n in art.LINEARS}
+
+
+def test_pruner_touches_only_language_model_linears_and_restores(tiny_llava_dir):
+    model, processor = load_llava(tiny_llava_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = calibrate(model, processor, CalibrationConfig(text_windows=1, image_samples=1), show_progress=False)
+    pruner = Pruner(model, stats, "wanda")
+    masks = pruner.apply(dict.fromkeys(pruner.linears, 0.5))
+    pruned = {f"model.language_model.layers.{k.split('layers.')[1]}" for k in masks}
+    for key, value in model.state_dict().items():
+        if key in pruned:
+            assert (value == 0).float().mean() == pytest.approx(0.5), key
+        else:
+            assert torch.equal(value, before[key]), key
+    pruner.restore()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_prune_writes_a_valid_artifact(tiny_llava_dir, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["prune", *small_run(tiny_llava_dir, out, tmp_path / "cache"),
+                 "--metric", "wanda", "--sparsity", "0.5"]) == 0
+    plan = art.read_plan(out)
+    masks = art.read_masks(out, plan)
+    assert plan.metric == "wanda" and plan.allocation == "uniform" and not plan.full_checkpoint
+    assert plan.mean_sparsity(weight_sizes(tiny_llava_dir)) == pytest.approx(0.5, abs=0.005)
+    assert len(masks) == plan.num_layers() * len(art.LINEARS)
+    assert {"report.md", "sparsity_per_layer.png"} <= {p.name for p in out.iterdir()}
+    assert "written to" in capsys.readouterr().out  # the calibration was computed...
+    main(["prune", *small_run(tiny_llava_dir, tmp_path / "art2", tmp_path / "cache"),
+          "--metric", "lognorm", "--sparsity", "0.5"])
+    assert "reused from" in capsys.readouterr().out  # ...and reused by the next run
+
+
+def test_search_resumes_and_keeps_finished_trials(tiny_llava_dir, tmp_path, capsys):
+    out = tmp_path / "art"
+    args = [*small_run(tiny_llava_dir, out, tmp_path / "cache"), "--metric", "lognorm",
+            "--sparsity", "0.5", "--blocks", "2"]
+    assert main(["search", *args, "--trials", "2"]) == 0
+    study = optuna.load_study(study_name="adaspkv-lognorm-s0.5-b2-seed0", storage=f"sqlite:///{out}/study.db")
+    first = [(t.params, t.value) for t in study.trials]
+    assert first[0][0] == {"block_0": 0, "block_1": 0}  # the uniform plan is the first trial
+    assert main(["search", *args, "--trials", "4"]) == 0
+    study = optuna.load_study(study_name="adaspkv-lognorm-s0.5-b2-seed0", storage=f"sqlite:///{out}/study.db")
+    assert [(t.params, t.value) for t in study.trials[:2]] == first
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 4
+    printed = capsys.readouterr().out
+    assert "x one bare evaluation" in printed
+    plan = art.read_plan(out)
+    assert plan.allocation == "tpe" and plan.provenance["trials_completed"] == 4
+    assert plan.mean_sparsity(weight_sizes(tiny_llava_dir)) == pytest.approx(0.5, abs=0.005)
+    assert (out / "optimization_history.png").is_file()
+    with pytest.raises(SystemExit, match="was started with other settings \\(objective\\)"):
+        main(["search", *args, "--objective-windows", "3", "--trials", "4"])
+
+
+def test_sparsegpt_and_two_four(tiny_llava_dir, tmp_path):
+    out = tmp_path / "sgpt"
+    main(["prune", *small_run(tiny_llava_dir, out, tmp_path / "cache"), "--metric", "sparsegpt",
+          "--sparsity", "0.5", "--nm", "2:4"])
+    plan = art.read_plan(out)
+    assert plan.full_checkpoint and plan.structure == "2:4"
+    pruned, _ = load_llava(out)  # the checkpoint carries SparseGPT's updated weights
+    weight = pruned.model.language_model.layers[0].mlp.up_proj.weight
+    assert ((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all()
+
+
+def test_das_with_amia_and_owl(tiny_llava_dir, tmp_path):
+    main(["prune", *small_run(tiny_llava_dir, tmp_path / "das", tmp_path / "cache"), "--metric", "wanda",
+          "--sparsity", "0.5", "--allocation", "das", "--amia"])
+    plan = art.read_plan(tmp_path / "das")
+    per_matrix = {s for layer in plan.layers for s in layer.sparsity.values()}
+    assert len(per_matrix) > 1  # matrices get their own sparsity
+    assert plan.mean_sparsity(weight_sizes(tiny_llava_dir)) == pytest.approx(0.5, abs=0.005)
+    assert max(per_matrix) <= 0.6 + 1e-6  # no matrix beyond S + 0.1
+    main(["prune", *small_run(tiny_llava_dir, tmp_path / "owl", tmp_path / "cache"), "--metric", "wanda",
+          "--sparsity", "0.5", "--allocation", "owl"])
+    owl = art.read_plan(tmp_path / "owl")
+    assert owl.mean_sparsity(weight_sizes(tiny_llava_dir)) == pytest.approx(0.5, abs=0.005)
+
+
+def test_eval_applies_an_artifact_and_rejects_another_models(tiny_llava_dir, tmp_path):
+    out = tmp_path / "art"
+    main(["prune", *small_run(tiny_llava_dir, out, tmp_path / "cache"), "--metric", "magnitude", "--sparsity", "0.5"])
+    dense = tmp_path / "dense.json"
+    sparse = tmp_path / "sparse.json"
+    common = ["eval", "--model", str(tiny_llava_dir), "--tasks", "wikitext2", "--limit", "2"]
+    main([*common, "--json", str(dense)])
+    main([*common, "--artifact", str(out), "--json", str(sparse)])
+    assert json.loads(sparse.read_text())["wikitext2_ppl"] != json.loads(dense.read_text())["wikitext2_ppl"]
+    from offline_search.tiny_llava import TinyLlavaSpec, make_tiny_llava
+
+    other = make_tiny_llava(tmp_path / "other", TinyLlavaSpec(seed=1))
+    with pytest.raises(SystemExit, match="this artifact was made from another model"):
+        main(["eval", "--model", str(other), "--artifact", str(out), "--tasks", "wikitext2", "--limit", "1"])

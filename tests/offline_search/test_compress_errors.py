@@ -1,0 +1,49 @@
+"""Bad input to `adaspkv search` / `prune`: one line naming the problem, no traceback."""
+
+import pytest
+
+from vllm_adaspkv.cli import main
+
+
+def run(tmp_path, *args, model=None, command="search"):
+    model = model or "shapes-llava"
+    return main([command, "--model", str(model), "--out", str(tmp_path / "art"),
+                 "--cache-dir", str(tmp_path / "cache"), *args])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--metric", "wanda", "--sparsity", "1.0"], r"adaspkv search: error: --sparsity 1.0: must be in \[0, 1\)"),
+    (["--metric", "wanda", "--sparsity", "-0.1"], r"--sparsity -0.1: must be in \[0, 1\)"),
+    (["--metric", "wanda", "--sparsity", "0.5", "--nm", "2:4"],
+     r"--nm 2:4 prunes every matrix at exactly 2/4; it cannot be combined with a per-layer allocation"),
+    (["--metric", "wanda", "--sparsity", "0.6", "--nm", "2:4", "--allocation", "uniform"],
+     r"--nm 2:4 means sparsity 0.5, but --sparsity is 0.6"),
+    (["--metric", "magnitude", "--sparsity", "0.5", "--amia"], r"--amia selects the tokens"),
+    (["--metric", "wanda", "--sparsity", "0.5", "--trials", "0"], r"--trials 0: must be >= 1"),
+    (["--metric", "wanda", "--sparsity", "0.5", "--allocation", "owl", "--warm-start", "das"],
+     r"--warm-start seeds a TPE search"),
+    (["--metric", "wanda", "--sparsity", "0.5", "--calibration-text", "none", "--calibration-images", "none"],
+     r"calibration needs text or images"),
+])
+def test_config_errors(tmp_path, args, message):
+    with pytest.raises(SystemExit, match=message):
+        run(tmp_path, *args)
+
+
+def test_missing_model(tmp_path):
+    with pytest.raises(SystemExit, match=r"adaspkv prune: error: model '.*nope' is neither a bundled model"):
+        run(tmp_path, "--metric", "wanda", "--sparsity", "0.5", model=tmp_path / "nope", command="prune")
+
+
+def test_unknown_metric_is_an_argparse_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--metric", "foo", "--sparsity", "0.5")
+    assert "argument --metric: invalid choice: 'foo'" in capsys.readouterr().err
+
+
+def test_empty_calibration_file(tiny_llava_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(SystemExit, match=f"calibration text file '{empty}' is empty"):
+        run(tmp_path, "--metric", "wanda", "--sparsity", "0.5", "--calibration-text", str(empty),
+            model=tiny_llava_dir, command="prune")
