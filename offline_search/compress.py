@@ -28,6 +28,7 @@ def compress(config: CompressConfig) -> Path:
     model_dir = resolve_model(config.model)
     model, processor = load_llava(model_dir)
     num_layers = model.config.text_config.num_hidden_layers
+    config = config.with_model_layers(num_layers)
     cache_dir = config.cache_dir or default_cache_dir()
     stats, cache_file, hit = cached_calibration(model, processor, model_dir, config.calibration, cache_dir,
                                                 config.show_progress)
@@ -45,6 +46,8 @@ def compress(config: CompressConfig) -> Path:
                   "objective": config.objective.describe(), "seed": config.seed}
     study = None
     if config.allocation == "tpe":
+        from optuna.trial import TrialState
+
         from offline_search.search import run_search
 
         def evaluate_plan(layer_sparsity: list[float]) -> float:
@@ -57,7 +60,8 @@ def compress(config: CompressConfig) -> Path:
         plan = per_linear(_layer_values(config, best.user_attrs["block_sparsity"], num_layers), num_layers)
         provenance |= {"study_name": study.study_name, "storage": config.storage_url(),
                        "trial": best.number, "objective_value": best.value,
-                       "trials_completed": sum(t.value is not None for t in study.trials)}
+                       "trials_completed": len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
+                       "timing": study.user_attrs.get("timing")}
     else:
         plan = _fixed_plan(config, stats, pruner, num_layers)
     masks = pruner.apply(plan)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from offline_search.calibration import CalibrationConfig
@@ -12,6 +12,7 @@ from offline_search.objective import ObjectiveConfig
 
 ALLOCATIONS = ("uniform", "owl", "das", "tpe")
 WARM_STARTS = ("owl", "das")
+DEFAULT_BLOCKS = 8
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class CompressConfig:
     metric: str
     allocation: str = "tpe"
     nm: tuple[int, int] | None = None  # N of every M pruned, e.g. (2, 4)
-    blocks: int = 8
+    blocks: int | None = None  # None: 8, or one per layer when the model has fewer
     trials: int = 50
     storage: str | None = None  # Optuna storage URL; default sqlite:///OUT/study.db
     study_name: str | None = None
@@ -73,6 +74,10 @@ class CompressConfig:
     @property
     def structure(self) -> str:
         return f"{self.nm[0]}:{self.nm[1]}" if self.nm else "unstructured"
+
+    def with_model_layers(self, num_layers: int) -> CompressConfig:
+        """Resolves the default block count against the model: the paper's 8, at most one per layer."""
+        return self if self.blocks is not None else replace(self, blocks=min(DEFAULT_BLOCKS, num_layers))
 
     def default_study_name(self) -> str:
         return self.study_name or f"adaspkv-{self.metric}-s{self.sparsity:g}-b{self.blocks}-seed{self.seed}"

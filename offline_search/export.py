@@ -25,6 +25,8 @@ def export_artifact(config: CompressConfig, model, processor, model_dir: Path, m
     out = Path(config.out)
     # SparseGPT changes the kept weights too: masks over the base model cannot reproduce it.
     full = config.full_checkpoint or config.metric == "sparsegpt"
+    zeroed = sum(int((~m).sum()) for m in masks.values())
+    evaluation = {**evaluation, "mean_sparsity": zeroed / sum(m.numel() for m in masks.values())}
     plan = Plan(
         base_model=BaseModel(path=str(Path(model_dir).resolve()), sha256=model_sha256(model_dir)),
         layers=layer_plans(masks, model.config.text_config.num_hidden_layers),
@@ -35,11 +37,6 @@ def export_artifact(config: CompressConfig, model, processor, model_dir: Path, m
     if full:
         save_llava_checkpoint(model, processor, out)
     write_report(out, plan, {k: m.numel() for k, m in masks.items()}, study)
-    print(f"artifact written to {out} (mean sparsity {plan_mean_sparsity(plan, masks):.4f}"
+    print(f"artifact written to {out} (mean sparsity {evaluation['mean_sparsity']:.4f}"
           f"{', with the pruned checkpoint' if full else ''})")
     return out
-
-
-def plan_mean_sparsity(plan: Plan, masks: dict[str, torch.Tensor]) -> float:
-    per_linear = {name: masks[mask_key(0, name)].numel() for name in LINEARS}
-    return plan.mean_sparsity(per_linear)

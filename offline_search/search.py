@@ -84,6 +84,8 @@ def run_search(config: CompressConfig, layer_weights: list[int],
         trial.set_user_attr("block_sparsity", centred)
         return evaluate_plan(expand_blocks(centred, blocks))
 
+    if config.show_progress:  # the bar shows each trial; Optuna's per-trial INFO lines would break it
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     done = _completed(study)
     remaining = config.trials - done
     if remaining <= 0:

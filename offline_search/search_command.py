@@ -61,9 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, ALLOCATIONS, "tpe")
     group = parser.add_argument_group("search (--allocation tpe)")
     group.add_argument("--trials", type=int, default=50, help="completed trials to reach (default: %(default)s)")
-    group.add_argument("--blocks", type=int, default=8,
+    group.add_argument("--blocks", type=int, default=None,
                        help="contiguous groups of layers sharing one sparsity; the number of layers for "
-                            "one per layer (default: %(default)s)")
+                            "one per layer (default: 8, or one per layer if the model has fewer)")
     group.add_argument("--warm-start", choices=("owl", "das"), default=None,
                        help="enqueue the OWL or DAS plan as the second trial (the uniform plan is the first)")
     group.add_argument("--storage", default=None,
@@ -85,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> CompressConfig:
     return CompressConfig(
         model=args.model, out=args.out, sparsity=args.sparsity, metric=args.metric,
         allocation=args.allocation, nm=parse_nm(args.nm) if args.nm else None,
-        blocks=getattr(args, "blocks", 8), trials=getattr(args, "trials", 1),
+        blocks=getattr(args, "blocks", None), trials=getattr(args, "trials", 1),
         storage=getattr(args, "storage", None), study_name=getattr(args, "study_name", None),
         seed=args.seed, warm_start=warm, amia=args.amia, objective=objective, calibration=calibration,
         full_checkpoint=args.full_checkpoint, cache_dir=args.cache_dir)

@@ -1,0 +1,110 @@
+"""The pruning results table on shapes-llava at 50% sparsity (issue: offline_search acceptance).
+
+Runs every method through the product's own commands (`adaspkv prune` / `adaspkv search`, then
+`adaspkv eval --artifact`), one after the other in this process's machine, and writes
+results/shapes-llava/pruning/<row>.json and results/shapes-llava/pruning-50.md. Rows whose JSON
+exists are not re-run (delete it to redo one).
+
+    .venv/bin/python scripts/pruning_table.py [--trials 50] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ADASPKV = str(Path(sys.executable).with_name("adaspkv"))
+RESULTS = REPO / "results" / "shapes-llava"
+
+
+def rows(trials: int, seed: int) -> list[tuple[str, str, list[str] | None]]:
+    """(row id, label, compress arguments or None for the dense model)."""
+    prune = ["prune", "--model", "shapes-llava", "--sparsity", "0.5", "--seed", str(seed)]
+    table = [("dense", "dense", None)]
+    for metric in ("magnitude", "wanda", "sparsegpt", "lognorm"):
+        table.append((f"{metric}-uniform", f"{metric}, uniform", [*prune, "--metric", metric]))
+    table += [
+        ("wanda-owl", "Wanda, OWL", [*prune, "--metric", "wanda", "--allocation", "owl"]),
+        ("wanda-das-amia", "Wanda + AMIA, DAS (TAMP)",
+         [*prune, "--metric", "wanda", "--allocation", "das", "--amia"]),
+        ("lognorm-tpe", f"lognorm, TPE ({trials} trials, 8 blocks)",
+         ["search", "--model", "shapes-llava", "--sparsity", "0.5", "--metric", "lognorm",
+          "--trials", str(trials), "--seed", str(seed)]),
+    ]
+    for metric in ("magnitude", "wanda", "sparsegpt", "lognorm"):
+        table.append((f"{metric}-2of4", f"{metric}, 2:4", [*prune, "--metric", metric, "--nm", "2:4"]))
+    return table
+
+
+def run(command: list[str], log) -> float:
+    log.write(f"$ {shlex.join(command)}\n")
+    log.flush()
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "pruning-table")
+    args = parser.parse_args()
+    out = RESULTS / "pruning"
+    out.mkdir(parents=True, exist_ok=True)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    commands = []
+    with open(args.workdir / "log.txt", "a") as log:
+        for row, label, compress in rows(args.trials, args.seed):
+            result = out / f"{row}.json"
+            evaluate = ["eval", "--model", "shapes-llava", "--batch-size", "32", "--json", str(result.relative_to(REPO))]
+            if compress:
+                artifact = args.workdir / row
+                compress = [*compress, "--out", str(artifact.relative_to(REPO))]
+                evaluate += ["--artifact", str(artifact.relative_to(REPO))]
+            commands += [shlex.join(["adaspkv", *c]) for c in (compress, evaluate) if c]
+            if result.is_file():
+                print(f"{row}: kept {result.name}")
+                continue
+            seconds = run([ADASPKV, *compress], log) if compress else 0.0
+            run([ADASPKV, *evaluate], log)
+            data = json.loads(result.read_text())
+            data["compress_seconds"] = seconds
+            if compress:
+                data["plan"] = json.loads((artifact / "adaspkv.json").read_text())
+            result.write_text(json.dumps(data, indent=1))
+            print(f"{row}: ppl {data['wikitext2_ppl']:.2f}, acc {data['shapesvqa_accuracy']:.3f} ({seconds:.0f} s)")
+    write_table(rows(args.trials, args.seed), out, commands)
+    return 0
+
+
+def write_table(table, out: Path, commands: list[str]) -> None:
+    lines = ["# shapes-llava, 50% sparsity of the language-model linears", "",
+             "WikiText-2 test perplexity (1604 windows x 256 tokens, the pruning papers' protocol) and "
+             "ShapesVQA test accuracy (1000 questions), offline through transformers. Produced by "
+             "`.venv/bin/python scripts/pruning_table.py` on a 2-core CPU machine.", "",
+             "| method | WikiText-2 ppl | ShapesVQA acc | mean sparsity | time to compress |",
+             "| --- | --- | --- | --- | --- |"]
+    for row, label, _ in table:
+        path = out / f"{row}.json"
+        if not path.is_file():
+            lines.append(f"| {label} | not run | | | |")
+            continue
+        data = json.loads(path.read_text())
+        sparsity = data["plan"]["evaluation"]["mean_sparsity"] if "plan" in data else ""
+        sparsity = f"{sparsity:.4f}" if sparsity != "" else ("0" if row == "dense" else "")
+        lines.append(f"| {label} | {data['wikitext2_ppl']:.2f} | {data['shapesvqa_accuracy']:.3f} | "
+                     f"{sparsity} | {data.get('compress_seconds', 0):.0f} s |")
+    lines += ["", "Commands (run from the repository root, `adaspkv` = `.venv/bin/adaspkv`):", "", "```"]
+    lines += commands + ["```", ""]
+    (out.parent / "pruning-50.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
