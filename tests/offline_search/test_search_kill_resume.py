@@ -1,0 +1,50 @@
+"""SIGKILL a running `adaspkv search` and run the same command again (fresh processes)."""
+
+import signal
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import venv_bin
+
+
+def completed(db) -> list[tuple]:
+    if not db.is_file():
+        return []
+    with sqlite3.connect(db) as connection:
+        try:
+            return connection.execute(
+                "SELECT t.number, v.value FROM trials t JOIN trial_values v ON v.trial_id = t.trial_id "
+                "WHERE t.state = 'COMPLETE' ORDER BY t.number").fetchall()
+        except sqlite3.OperationalError:  # tables not created yet
+            return []
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_and_keeps_finished_trials(tiny_llava_dir, tmp_path):
+    out = tmp_path / "art"
+    command = [venv_bin("adaspkv"), "search", "--model", str(tiny_llava_dir), "--out", str(out),
+               "--cache-dir", str(tmp_path / "cache"), "--metric", "lognorm", "--sparsity", "0.5",
+               "--trials", "12", "--blocks", "2", "--calibration-windows", "2", "--calibration-samples", "2",
+               "--objective-windows", "48", "--objective-samples", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = out / "study.db"
+    deadline = time.monotonic() + 300
+    while len(completed(db)) < 3:
+        assert process.poll() is None, "the search ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = completed(db)
+    assert 3 <= len(before) < 12 and not (out / "adaspkv.json").exists()
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    after = completed(db)
+    assert len(after) == 12
+    assert after[:len(before)] == before  # finished trials kept, values unchanged
+    assert "reused from" in rerun.stdout  # no second calibration either
+    assert (out / "adaspkv.json").is_file()
