@@ -20,18 +20,16 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from offline_search import shapes_vqa, tamp
+from offline_search import tamp
+from offline_search.calibration_data import image_samples, text_tokens
 from offline_search.perplexity import windows
 from offline_search.sparsegpt import accumulate_hessian
-from offline_search.text_data import joined_text, wikitext_path
 from offline_search.vqa_batches import answer_batch
 from vllm_adaspkv.artifact import LINEARS, mask_key
 
 # Linears that read the same input tensor share its statistics (computed once, stored once).
 SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
                 "mlp.up_proj": "mlp.gate_proj"}
-TEXT_SOURCES = ("wikitext2",)  # or a path to a UTF-8 text file
-IMAGE_SOURCES = ("shapesvqa",)
 
 
 @dataclass(frozen=True)
@@ -39,7 +37,7 @@ class CalibrationConfig:
     text: str | None = "wikitext2"  # "wikitext2" (bundled validation split), a text file, or None
     text_windows: int = 32  # windows of seq_len tokens
     seq_len: int | None = None  # default: the model's max_position_embeddings
-    images: str | None = "shapesvqa"  # ShapesVQA train-split conversations, or None
+    images: str | None = "shapesvqa"  # ShapesVQA train-split conversations, a folder, or None
     image_samples: int = 32
     hessian: bool = False  # SparseGPT
     diversity: bool = False  # TAMP DAS
@@ -51,8 +49,6 @@ class CalibrationConfig:
         if self.text_windows < 1 or self.image_samples < 1:
             raise ValueError(f"calibration sizes must be >= 1 (text windows {self.text_windows}, "
                              f"image samples {self.image_samples})")
-        if self.images is not None and self.images not in IMAGE_SOURCES:
-            raise ValueError(f"calibration images {self.images!r}: choose from {', '.join(IMAGE_SOURCES)}")
         if (self.diversity or self.amia) and self.images is None:
             raise ValueError("TAMP's DAS and AMIA measure visual against text tokens: they need image "
                              "calibration samples (--calibration-images shapesvqa)")
@@ -60,17 +56,6 @@ class CalibrationConfig:
     def cache_key(self, model_sha256: str) -> str:
         settings = json.dumps({"model": model_sha256, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(settings.encode()).hexdigest()[:24]
-
-
-def text_tokens(source: str, tokenizer) -> torch.Tensor:
-    """The calibration text as one token stream [n]; `source` is "wikitext2" or a file path."""
-    from pathlib import Path
-
-    path = wikitext_path("validation") if source == "wikitext2" else Path(source)
-    text = joined_text(path)
-    if not text.strip():
-        raise ValueError(f"calibration text file {str(path)!r} is empty")
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 class _Collector:
@@ -150,7 +135,7 @@ def _image_pass(model, processor, config: CalibrationConfig, collector: _Collect
     if config.amia:  # AMIA reads attention weights, which only the eager implementation returns
         model.set_attn_implementation("eager")
     try:
-        samples = shapes_vqa.samples("train", config.image_samples, image_size)
+        samples = image_samples(config.images, config.image_samples, image_size)
         for sample in tqdm(samples, desc="calibration images", unit="sample", disable=not show_progress):
             # One conversation per forward pass: no padding tokens in the statistics.
             batch = answer_batch(processor, [sample])

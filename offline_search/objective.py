@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from offline_search import shapes_vqa
-from offline_search.calibration import text_tokens
+from offline_search.calibration_data import text_tokens
 from offline_search.perplexity import window_nll, windows
 from offline_search.vqa_batches import IGNORE_INDEX, answer_batch
 

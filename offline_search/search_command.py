@@ -42,8 +42,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, allocations: tuple[str
                        help="'wikitext2' (bundled validation split), a UTF-8 text file, or 'none' (default: %(default)s)")
     group.add_argument("--calibration-windows", type=int, default=32,
                        help="text windows of the model's context length (default: %(default)s)")
-    group.add_argument("--calibration-images", default="shapesvqa", choices=("shapesvqa", "none"),
-                       help="image + question + answer samples (default: %(default)s)")
+    group.add_argument("--calibration-images", default="shapesvqa",
+                       help="'shapesvqa' (image + question + answer conversations), a folder of images "
+                            "each with a NAME.txt prompt beside it, or 'none' (default: %(default)s)")
     group.add_argument("--calibration-samples", type=int, default=32,
                        help="image samples (default: %(default)s)")
     group.add_argument("--cache-dir", type=Path, default=None,

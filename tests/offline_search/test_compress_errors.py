@@ -2,6 +2,7 @@
 
 import pytest
 
+from tests.conftest import REPO
 from vllm_adaspkv.cli import main
 
 
@@ -47,3 +48,29 @@ def test_empty_calibration_file(tiny_llava_dir, tmp_path):
     with pytest.raises(SystemExit, match=f"calibration text file '{empty}' is empty"):
         run(tmp_path, "--metric", "wanda", "--sparsity", "0.5", "--calibration-text", str(empty),
             model=tiny_llava_dir, command="prune")
+
+
+def test_calibration_image_folder(tiny_llava_dir, tmp_path):
+    import shutil
+
+    from offline_search.calibration_data import image_samples
+    from vllm_adaspkv import artifact as art
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    with pytest.raises(SystemExit, match="calibration folder '.*photos' has no image"):
+        run(tmp_path, "--metric", "wanda", "--sparsity", "0.5", "--calibration-images", str(folder),
+            model=tiny_llava_dir, command="prune")
+    shutil.copy(REPO / "demo" / "assets" / "images" / "waterview.jpg", folder / "a.jpg")
+    (folder / "a.txt").write_text("What is in this picture?\n")
+    (folder / "b.png").write_bytes(b"not an image")
+    (folder / "b.txt").write_text("Describe it.")
+    with pytest.raises(SystemExit, match=r"calibration image '.*b.png' cannot be read"):
+        run(tmp_path, "--metric", "wanda", "--sparsity", "0.5", "--calibration-images", str(folder),
+            model=tiny_llava_dir, command="prune")
+    (folder / "b.png").unlink()
+    assert [s.question for s in image_samples(str(folder), 8, 32)] == ["What is in this picture?"]
+    run(tmp_path, "--metric", "wanda", "--sparsity", "0.5", "--calibration-images", str(folder),
+        "--allocation", "das", "--calibration-windows", "1", "--objective-windows", "1",
+        model=tiny_llava_dir, command="prune")
+    assert art.read_plan(tmp_path / "art").provenance["calibration"]["images"] == str(folder)
