@@ -87,12 +87,19 @@ def load_model(model_dir: Path, artifact: str | None):
     art.check_base_model(plan, model_dir, source)
     model = load_llava(artifact if plan.full_checkpoint else model_dir)[0]
     art.check_num_layers(plan, model.config.text_config.num_hidden_layers, source)
-    if not plan.full_checkpoint:
-        masks = art.read_masks(artifact, plan)
-        shapes = {art.mask_key(i, n): tuple(model.get_submodule(_module_name(i, n)).weight.shape)
-                  for i in range(plan.num_layers()) for n in art.LINEARS}
-        art.check_mask_shapes(masks, shapes, source)
-        apply_artifact_masks(model, masks)
+    if plan.full_checkpoint:  # the pruned weights themselves: their zeros must match the plan
+        for i, layer in enumerate(plan.layers):
+            for name, expected in layer.sparsity.items():
+                measured = float((model.get_submodule(_module_name(i, name)).weight == 0).float().mean())
+                if abs(measured - expected) > 1e-3:
+                    raise art.ArtifactError(f"{source}: layer {i} {name} of the pruned checkpoint has "
+                                            f"sparsity {measured:.4f}, the plan says {expected:.4f}")
+        return model
+    masks = art.read_masks(artifact, plan)
+    shapes = {art.mask_key(i, n): tuple(model.get_submodule(_module_name(i, n)).weight.shape)
+              for i in range(plan.num_layers()) for n in art.LINEARS}
+    art.check_mask_shapes(masks, shapes, source)
+    apply_artifact_masks(model, masks)
     return model
 
 

@@ -100,6 +100,9 @@ def run_command(args: argparse.Namespace, command: str) -> int:
         compress(config)
     except (ValueError, FileNotFoundError) as exc:  # user errors: one line, no traceback
         raise SystemExit(f"adaspkv {command}: error: {exc}") from None
+    except KeyboardInterrupt:
+        resume = " (finished trials are kept: run the same command to resume)" if command == "search" else ""
+        raise SystemExit(f"adaspkv {command}: interrupted{resume}") from None
     return 0
 
 
