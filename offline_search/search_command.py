@@ -39,7 +39,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, allocations: tuple[str
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (default: %(default)s)")
     group = parser.add_argument_group("calibration")
     group.add_argument("--calibration-text", default="wikitext2",
-                       help="'wikitext2' (bundled validation split), a UTF-8 text file, or 'none' (default: %(default)s)")
+                       help="'wikitext2' (bundled validation split), a UTF-8 text file, "
+                            "dataset:NAME[:CONFIG]:SPLIT (Hugging Face datasets, e.g. "
+                            "dataset:wikitext:wikitext-2-raw-v1:train), or 'none' (default: %(default)s)")
     group.add_argument("--calibration-windows", type=int, default=32,
                        help="text windows of the model's context length (default: %(default)s)")
     group.add_argument("--calibration-images", default="shapesvqa",

@@ -117,3 +117,28 @@ def test_eval_applies_an_artifact_and_rejects_another_models(tiny_llava_dir, tmp
     other = make_tiny_llava(tmp_path / "other", TinyLlavaSpec(seed=1))
     with pytest.raises(SystemExit, match="this artifact was made from another model"):
         main(["eval", "--model", str(other), "--artifact", str(out), "--tasks", "wikitext2", "--limit", "1"])
+
+
+def test_warm_start_and_answer_objective(tiny_llava_dir, tmp_path):
+    out = tmp_path / "art"
+    assert main(["search", *small_run(tiny_llava_dir, out, tmp_path / "cache"), "--metric", "wanda",
+                 "--sparsity", "0.5", "--blocks", "2", "--trials", "2", "--warm-start", "owl",
+                 "--objective", "mix", "--objective-weight", "0.5"]) == 0
+    study = optuna.load_study(study_name="adaspkv-wanda-s0.5-b2-seed0", storage=f"sqlite:///{out}/study.db")
+    uniform, warm = study.trials[:2]
+    assert uniform.params == {"block_0": 0, "block_1": 0}
+    # the OWL plan, block-averaged and snapped to the grid (offsets in steps of 0.025)
+    from offline_search import allocation
+    from offline_search.calibration_cache import cached_calibration
+    from offline_search.compress import _owl_layers
+
+    model, processor = load_llava(tiny_llava_dir)
+    stats, _, hit = cached_calibration(model, processor, tiny_llava_dir,
+                                       CalibrationConfig(text_windows=2, image_samples=2), tmp_path / "cache")
+    assert hit
+    layers = _owl_layers(stats, Pruner(model, stats, "wanda"), 0.5, model.config.text_config.num_hidden_layers)
+    grid = allocation.block_grid(0.5)
+    expected = allocation.block_means(layers, allocation.layer_blocks(len(layers), 2), grid)
+    assert [0.5 + 0.025 * warm.params[f"block_{b}"] for b in range(2)] == pytest.approx(expected)
+    plan = art.read_plan(out)
+    assert "answer NLL" in plan.evaluation["objective"] and plan.evaluation["pruned"] > 0

@@ -45,7 +45,7 @@ def test_unknown_metric_is_an_argparse_error(tmp_path, capsys):
 def test_empty_calibration_file(tiny_llava_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    with pytest.raises(SystemExit, match=f"calibration text file '{empty}' is empty"):
+    with pytest.raises(SystemExit, match=f"calibration text '{empty}' is empty"):
         run(tmp_path, "--metric", "wanda", "--sparsity", "0.5", "--calibration-text", str(empty),
             model=tiny_llava_dir, command="prune")
 
@@ -74,3 +74,18 @@ def test_calibration_image_folder(tiny_llava_dir, tmp_path):
         "--allocation", "das", "--calibration-windows", "1", "--objective-windows", "1",
         model=tiny_llava_dir, command="prune")
     assert art.read_plan(tmp_path / "art").provenance["calibration"]["images"] == str(folder)
+
+
+def test_calibration_text_from_a_datasets_dataset(tmp_path, monkeypatch):
+    from offline_search.calibration_data import dataset_text
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here: a local folder is a dataset too
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "train.txt").write_text("first row\nsecond row\n")
+    assert dataset_text(f"dataset:{folder}:train") == "first row\n\nsecond row"
+    with pytest.raises(ValueError, match="write dataset:NAME:SPLIT or dataset:NAME:CONFIG:SPLIT"):
+        dataset_text("dataset:only-a-name")
+    with pytest.raises(ValueError, match="'dataset:no-such/dataset:train': the dataset cannot be loaded"):
+        dataset_text("dataset:no-such/dataset:train")
