@@ -1,0 +1,111 @@
+"""The KV-cache quantizer: one implementation for the search's simulation, the CPU serving backend
+and the reference of the GPU kernels (pure torch, no vLLM import).
+
+A token's K (or V) vector of one head, x [head_dim], is stored as one uint8 row:
+    [codes: head_dim * bits / 8 bytes][per group of `group` values: scale fp16, zero fp16]
+Codes are asymmetric integers q = round((x - zero) / scale) in [0, 2^bits - 1] with
+zero = min(group) and scale = (max - min) / (2^bits - 1); x ~ q * scale + zero. Packing is
+little-endian within a byte: 8 bits one code per byte, 4 bits two per byte (first code in the low
+nibble), 2 bits four per byte, 6 bits four codes in three bytes (24 bits, first code lowest).
+16 bits stores the values themselves as fp16, two bytes each, with no scales.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KV_BITS = (16, 8, 6, 4, 2)
+SCALE_BYTES = 4  # fp16 scale + fp16 zero point per group
+
+
+def check_layout(bits: int, head_dim: int, group: int) -> None:
+    if bits not in KV_BITS:
+        raise ValueError(f"KV bits {bits}: allowed {', '.join(map(str, KV_BITS))}")
+    if bits == 16:
+        return
+    if group < 1 or head_dim % group:
+        raise ValueError(f"KV group size {group} must divide head_dim {head_dim}")
+    per = {8: 1, 6: 4, 4: 2, 2: 4}[bits]  # codes that share whole bytes
+    if group % per:
+        raise ValueError(f"{bits}-bit codes pack {per} at a time: the group size {group} must be a multiple of {per}")
+
+
+def bytes_per_token_head(bits: int, head_dim: int, group: int) -> int:
+    """Bytes of one token's K (or V) for one KV head, scales included."""
+    check_layout(bits, head_dim, group)
+    if bits == 16:
+        return 2 * head_dim
+    return head_dim * bits // 8 + (head_dim // group) * SCALE_BYTES
+
+
+def quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """x [..., head_dim] (any float dtype) -> uint8 [..., bytes_per_token_head(bits, head_dim, group)]."""
+    head_dim = x.shape[-1]
+    check_layout(bits, head_dim, group)
+    if bits == 16:
+        return x.to(torch.float16).view(torch.uint8).reshape(*x.shape[:-1], 2 * head_dim)
+    g = x.float().reshape(*x.shape[:-1], head_dim // group, group)  # [..., groups, group]
+    low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    levels = 2**bits - 1
+    # fp16 first, then quantize against the stored (rounded) values: what dequantize will read
+    scale = ((high - low) / levels).to(torch.float16)
+    zero = low.to(torch.float16)
+    safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+    q = torch.round((g - zero.float()) / safe).clamp_(0, levels).to(torch.uint8)  # [..., groups, group]
+    codes = _pack(q.reshape(*x.shape[:-1], head_dim), bits)  # [..., head_dim * bits / 8]
+    scales = torch.cat([scale, zero], -1).reshape(*x.shape[:-1], -1)  # [..., groups * 2] fp16
+    return torch.cat([codes, scales.view(torch.uint8)], -1)
+
+
+def dequantize(packed: torch.Tensor, bits: int, head_dim: int, group: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [..., bytes] -> [..., head_dim] in `dtype`."""
+    nbytes = bytes_per_token_head(bits, head_dim, group)
+    if packed.shape[-1] != nbytes:
+        raise ValueError(f"packed rows have {packed.shape[-1]} bytes; {bits}-bit, head_dim {head_dim}, "
+                         f"group {group} needs {nbytes}")
+    lead = packed.shape[:-1]
+    if bits == 16:
+        return packed.contiguous().view(torch.float16).reshape(*lead, head_dim).to(dtype)
+    code_bytes = head_dim * bits // 8
+    q = _unpack(packed[..., :code_bytes], bits, head_dim).float()  # [..., head_dim]
+    scales = packed[..., code_bytes:].contiguous().view(torch.float16).float()
+    scales = scales.reshape(*lead, head_dim // group, 2)  # [..., groups, (scale, zero)]
+    g = q.reshape(*lead, head_dim // group, group)
+    return (g * scales[..., :1] + scales[..., 1:]).reshape(*lead, head_dim).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """dequantize(quantize(x)): what attention reads back from the cache, in x's dtype."""
+    if bits == 16:
+        return x.to(torch.float16).to(x.dtype)
+    return dequantize(quantize(x, bits, group), bits, x.shape[-1], group, x.dtype)
+
+
+def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., n] -> [..., n * bits / 8]."""
+    if bits == 8:
+        return q
+    if bits in (4, 2):
+        per = 8 // bits
+        parts = q.reshape(*q.shape[:-1], -1, per).to(torch.int32)  # [..., n / per, per]
+        shifts = torch.arange(per, dtype=torch.int32) * bits
+        return (parts << shifts).sum(-1).to(torch.uint8)
+    word = q.reshape(*q.shape[:-1], -1, 4).to(torch.int32)  # 6 bits: [..., n / 4, 4] -> 24-bit words
+    word = (word << torch.arange(0, 24, 6, dtype=torch.int32)).sum(-1)  # [..., n / 4]
+    out = torch.stack([(word >> s) & 0xFF for s in (0, 8, 16)], -1)  # [..., n / 4, 3]
+    return out.reshape(*q.shape[:-1], -1).to(torch.uint8)
+
+
+def _unpack(codes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """[..., n * bits / 8] -> uint8 codes [..., n]."""
+    if bits == 8:
+        return codes
+    c = codes.to(torch.int32)
+    if bits in (4, 2):
+        shifts = torch.arange(8 // bits, dtype=torch.int32) * bits
+        return ((c[..., None] >> shifts) & (2**bits - 1)).reshape(*codes.shape[:-1], n).to(torch.uint8)
+    b = c.reshape(*codes.shape[:-1], -1, 3)  # [..., n / 4, 3]
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)  # [..., n / 4]
+    shifts = torch.arange(0, 24, 6, dtype=torch.int32)
+    return ((word[..., None] >> shifts) & 63).reshape(*codes.shape[:-1], n).to(torch.uint8)
