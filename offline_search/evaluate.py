@@ -87,6 +87,10 @@ def load_model(model_dir: Path, artifact: str | None):
     art.check_base_model(plan, model_dir, source)
     model = load_llava(artifact if plan.full_checkpoint else model_dir)[0]
     art.check_num_layers(plan, model.config.text_config.num_hidden_layers, source)
+    if any(layer.kv_bits != 16 for layer in plan.layers):  # the KV plan, simulated with the serving quantizer
+        from offline_search.kv_simulation import apply_kv_plan
+
+        apply_kv_plan(model, [layer.kv_bits for layer in plan.layers], plan.kv_quant.group_size)
     if plan.full_checkpoint:  # the pruned weights themselves: their zeros must match the plan
         for i, layer in enumerate(plan.layers):
             for name, expected in layer.sparsity.items():

@@ -112,6 +112,15 @@ def test_eval_applies_an_artifact_and_rejects_another_models(tiny_llava_dir, tmp
     main([*common, "--json", str(dense)])
     main([*common, "--artifact", str(out), "--json", str(sparse)])
     assert json.loads(sparse.read_text())["wikitext2_ppl"] != json.loads(dense.read_text())["wikitext2_ppl"]
+    # the same masks with a 2-bit KV plan: eval simulates the cache with the serving quantizer
+    import dataclasses
+
+    plan = art.read_plan(out)
+    kv = dataclasses.replace(plan, layers=tuple(dataclasses.replace(layer, kv_bits=2) for layer in plan.layers))
+    art.write_artifact(tmp_path / "kv2", kv, art.read_masks(out, plan))
+    quantized = tmp_path / "kv2.json"
+    main([*common, "--artifact", str(tmp_path / "kv2"), "--json", str(quantized)])
+    assert json.loads(quantized.read_text())["wikitext2_ppl"] != json.loads(sparse.read_text())["wikitext2_ppl"]
     from offline_search.tiny_llava import TinyLlavaSpec, make_tiny_llava
 
     other = make_tiny_llava(tmp_path / "other", TinyLlavaSpec(seed=1))
