@@ -99,6 +99,9 @@ def load_model(model_dir: Path, artifact: str | None):
                     raise art.ArtifactError(f"{source}: layer {i} {name} of the pruned checkpoint has "
                                             f"sparsity {measured:.4f}, the plan says {expected:.4f}")
         return model
+    if not (Path(artifact) / art.MASK_FILE).is_file() and not any(
+            s for layer in plan.layers for s in layer.sparsity.values()):
+        return model  # a KV-only plan: no weight is pruned
     masks = art.read_masks(artifact, plan)
     shapes = {art.mask_key(i, n): tuple(model.get_submodule(_module_name(i, n)).weight.shape)
               for i in range(plan.num_layers()) for n in art.LINEARS}

@@ -151,3 +151,26 @@ def test_warm_start_and_answer_objective(tiny_llava_dir, tmp_path):
     assert [0.5 + 0.025 * warm.params[f"block_{b}"] for b in range(2)] == pytest.approx(expected)
     plan = art.read_plan(out)
     assert "answer NLL" in plan.evaluation["objective"] and plan.evaluation["pruned"] > 0
+
+
+def test_eval_of_a_kv_only_artifact(tiny_llava_dir, tmp_path):
+    layers = load_llava(tiny_llava_dir)[0].config.text_config.num_hidden_layers
+    plan = art.Plan(base_model=art.BaseModel(str(tiny_llava_dir), art.model_sha256(tiny_llava_dir)), metric="none",
+                    layers=tuple(art.LayerPlan(dict.fromkeys(art.LINEARS, 0.0), kv_bits=4) for _ in range(layers)))
+    art.write_artifact(tmp_path / "kv4", plan)  # no masks: nothing is pruned
+    common = ["eval", "--model", str(tiny_llava_dir), "--tasks", "wikitext2", "--limit", "2"]
+    main([*common, "--json", str(tmp_path / "dense.json")])
+    main([*common, "--artifact", str(tmp_path / "kv4"), "--json", str(tmp_path / "kv4.json")])
+    dense, kv4 = (json.loads((tmp_path / f).read_text())["wikitext2_ppl"] for f in ("dense.json", "kv4.json"))
+    assert kv4 != dense
+    masked = dataclasses_replace_sparsity(plan, 0.5)
+    art.write_artifact(tmp_path / "broken", masked)  # sparsity claimed, masks missing
+    with pytest.raises(SystemExit, match="broken: no masks.safetensors"):
+        main([*common, "--artifact", str(tmp_path / "broken")])
+
+
+def dataclasses_replace_sparsity(plan, sparsity):
+    import dataclasses
+
+    return dataclasses.replace(plan, layers=tuple(
+        dataclasses.replace(layer, sparsity=dict.fromkeys(art.LINEARS, sparsity)) for layer in plan.layers))
