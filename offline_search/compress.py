@@ -14,6 +14,7 @@ from offline_search.calibration_cache import cached_calibration, default_cache_d
 from offline_search.checkpoint import load_llava
 from offline_search.compress_config import CompressConfig
 from offline_search.export import export_artifact
+from offline_search.kv_simulation import apply_kv_plan, remove_kv_plan
 from offline_search.metrics import wanda_scores
 from offline_search.model_registry import resolve_model
 from offline_search.objective import Objective
@@ -45,30 +46,43 @@ def compress(config: CompressConfig) -> Path:
     provenance = {"calibration": {**vars(config.calibration), "cache_file": str(cache_file)},
                   "objective": config.objective.describe(), "seed": config.seed}
     study = None
-    if config.allocation == "tpe":
+    kv_bits = [config.kv_bits] * num_layers
+    if config.searches:
         from optuna.trial import TrialState
 
-        from offline_search.search import run_search
+        from offline_search.search import chosen_trial, run_search
 
-        def evaluate_plan(layer_sparsity: list[float]) -> float:
-            pruner.apply(per_linear(layer_sparsity, num_layers))
+        fixed = None if config.allocation == "tpe" else _fixed_plan(config, stats, pruner, num_layers)
+        if fixed is not None:
+            pruner.apply(fixed)  # only the KV plan changes from trial to trial
+
+        def evaluate_plan(layer_sparsity: list[float] | None, bits: list[int] | None) -> float:
+            if layer_sparsity is not None:
+                pruner.apply(per_linear(layer_sparsity, num_layers))
+            if bits is not None:
+                apply_kv_plan(model, bits, config.kv_group)
             return objective()
 
         warm = _warm_start(config, stats, pruner, num_layers) if config.warm_start else None
         study = run_search(config, layer_weights, evaluate_plan, warm, bare_eval_seconds)
-        best = study.best_trial
-        plan = per_linear(_layer_values(config, best.user_attrs["block_sparsity"], num_layers), num_layers)
+        best = chosen_trial(study, config)
+        plan = fixed or per_linear(_layer_values(config, best.user_attrs["block_sparsity"], num_layers), num_layers)
+        kv_bits = best.user_attrs.get("kv_bits", kv_bits)
         provenance |= {"study_name": study.study_name, "storage": config.storage_url(),
-                       "trial": best.number, "objective_value": best.value,
+                       "trial": best.number, "objective_values": best.values,
                        "trials_completed": len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
                        "timing": study.user_attrs.get("timing")}
     else:
         plan = _fixed_plan(config, stats, pruner, num_layers)
     masks = pruner.apply(plan)
+    if any(b != 16 for b in kv_bits):
+        apply_kv_plan(model, kv_bits, config.kv_group)
     value = objective()
     evaluation = {"objective": config.objective.describe(), "dense": dense_value, "pruned": value}
-    print(f"pruned model: {config.objective.describe()} = {value:.4f}")
-    return export_artifact(config, model, processor, model_dir, masks, provenance, evaluation, study)
+    print(f"compressed model: {config.objective.describe()} = {value:.4f}")
+    if any(b != 16 for b in kv_bits):
+        remove_kv_plan(model)  # the checkpoint, if written, holds weights only
+    return export_artifact(config, model, processor, model_dir, masks, kv_bits, provenance, evaluation, study)
 
 
 def per_linear(layer_sparsity: list[float], num_layers: int) -> dict[str, float]:

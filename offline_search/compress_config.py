@@ -7,11 +7,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from offline_search.calibration import CalibrationConfig
+from offline_search.kv_plans import check_choices
 from offline_search.metrics import METRICS
 from offline_search.objective import ObjectiveConfig
 
 ALLOCATIONS = ("uniform", "owl", "das", "tpe")
 WARM_STARTS = ("owl", "das")
+KV_SEARCHES = ("none", "split", "budget", "pareto")
 DEFAULT_BLOCKS = 8
 
 
@@ -34,6 +36,11 @@ class CompressConfig:
     step: float = 0.025
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    kv_bits: int = 16  # every layer's KV bits when they are not searched
+    kv_search: str = "none"  # split: half 8-bit, half 6-bit; budget: mean <= kv_bits_budget; pareto
+    kv_bits_budget: float | None = None
+    kv_choices: tuple[int, ...] = (2, 4, 6, 8, 16)
+    kv_group: int = 32  # quantization group along the head dimension
     full_checkpoint: bool = False
     cache_dir: Path | None = None  # default: $ADASPKV_CACHE_DIR or ~/.cache/adaspkv
     show_progress: bool = True
@@ -52,6 +59,22 @@ class CompressConfig:
                                  f"combined with a per-layer allocation (--allocation {self.allocation})")
             if not math.isclose(self.sparsity, n / m):
                 raise ValueError(f"--nm {n}:{m} means sparsity {n / m:g}, but --sparsity is {self.sparsity}")
+        if self.kv_search not in KV_SEARCHES:
+            raise ValueError(f"--kv-search {self.kv_search!r}: choose from {', '.join(KV_SEARCHES)}")
+        from vllm_adaspkv.kv_quant import KV_BITS
+
+        if self.kv_bits not in KV_BITS:
+            raise ValueError(f"--kv-bits {self.kv_bits}: allowed {', '.join(map(str, KV_BITS))}")
+        check_choices(self.kv_choices)
+        if self.kv_search == "budget" and self.kv_bits_budget is None:
+            raise ValueError("--kv-search budget needs --kv-bits-budget B (mean bits per layer at most B)")
+        if self.kv_bits_budget is not None and self.kv_bits_budget < min(self.kv_choices):
+            raise ValueError(f"--kv-bits-budget {self.kv_bits_budget:g} is below the narrowest choice, "
+                             f"{min(self.kv_choices)} bits")
+        if self.kv_search != "none" and self.kv_bits != 16:
+            raise ValueError("--kv-bits sets one width for every layer; it cannot be combined with --kv-search")
+        if self.kv_group < 1:
+            raise ValueError(f"--kv-group {self.kv_group}: must be >= 1")
         if self.trials < 1:
             raise ValueError(f"--trials {self.trials}: must be >= 1")
         if self.warm_start is not None:
@@ -68,6 +91,10 @@ class CompressConfig:
                 raise ValueError(f"calibration must collect {name} for these settings")
 
     @property
+    def searches(self) -> bool:
+        return self.allocation == "tpe" or self.kv_search != "none"
+
+    @property
     def uses_das(self) -> bool:
         return self.allocation == "das" or self.warm_start == "das"
 
@@ -80,7 +107,11 @@ class CompressConfig:
         return self if self.blocks is not None else replace(self, blocks=min(DEFAULT_BLOCKS, num_layers))
 
     def default_study_name(self) -> str:
-        return self.study_name or f"adaspkv-{self.metric}-s{self.sparsity:g}-b{self.blocks}-seed{self.seed}"
+        if self.study_name:
+            return self.study_name
+        kv = "" if self.kv_search == "none" else f"-kv{self.kv_search}{self.kv_bits_budget or ''}"
+        weights = f"s{self.sparsity:g}-b{self.blocks}" if self.allocation == "tpe" else f"s{self.sparsity:g}-{self.allocation}"
+        return f"adaspkv-{self.metric}-{weights}{kv}-seed{self.seed}"
 
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{(Path(self.out) / 'study.db').resolve()}"
@@ -89,4 +120,6 @@ class CompressConfig:
         """What a resumed study must share with the run that started it."""
         return {"sparsity": self.sparsity, "metric": self.metric, "blocks": self.blocks,
                 "radius": self.radius, "step": self.step, "amia": self.amia,
-                "objective": self.objective.describe(), "calibration": repr(self.calibration)}
+                "objective": self.objective.describe(), "calibration": repr(self.calibration),
+                "allocation": self.allocation, "kv_search": self.kv_search, "kv_bits_budget": self.kv_bits_budget,
+                "kv_choices": list(self.kv_choices), "kv_group": self.kv_group}

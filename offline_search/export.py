@@ -10,18 +10,20 @@ import torch
 from offline_search.checkpoint import save_llava_checkpoint
 from offline_search.compress_config import CompressConfig
 from offline_search.report import write_report
-from vllm_adaspkv.artifact import LINEARS, BaseModel, LayerPlan, Plan, mask_key, model_sha256, write_artifact
+from vllm_adaspkv.artifact import (LINEARS, BaseModel, KVQuantScheme, LayerPlan, Plan, mask_key, model_sha256,
+                                   write_artifact)
 
 
-def layer_plans(masks: dict[str, torch.Tensor], num_layers: int) -> tuple[LayerPlan, ...]:
-    """Each linear's measured sparsity (not the requested one: rounding per row is visible here)."""
+def layer_plans(masks: dict[str, torch.Tensor], kv_bits: list[int]) -> tuple[LayerPlan, ...]:
+    """Each linear's measured sparsity (not the requested one) and each layer's KV bits."""
     return tuple(
-        LayerPlan(sparsity={name: 1.0 - float(masks[mask_key(i, name)].float().mean()) for name in LINEARS})
-        for i in range(num_layers))
+        LayerPlan(sparsity={name: 1.0 - float(masks[mask_key(i, name)].float().mean()) for name in LINEARS},
+                  kv_bits=bits)
+        for i, bits in enumerate(kv_bits))
 
 
 def export_artifact(config: CompressConfig, model, processor, model_dir: Path, masks: dict[str, torch.Tensor],
-                    provenance: dict, evaluation: dict, study=None) -> Path:
+                    kv_bits: list[int], provenance: dict, evaluation: dict, study=None) -> Path:
     out = Path(config.out)
     # SparseGPT changes the kept weights too: masks over the base model cannot reproduce it.
     full = config.full_checkpoint or config.metric == "sparsegpt"
@@ -29,14 +31,16 @@ def export_artifact(config: CompressConfig, model, processor, model_dir: Path, m
     evaluation = {**evaluation, "mean_sparsity": zeroed / sum(m.numel() for m in masks.values())}
     plan = Plan(
         base_model=BaseModel(path=str(Path(model_dir).resolve()), sha256=model_sha256(model_dir)),
-        layers=layer_plans(masks, model.config.text_config.num_hidden_layers),
+        layers=layer_plans(masks, kv_bits), kv_quant=KVQuantScheme(group_size=config.kv_group),
         metric=config.metric, structure=config.structure,
         allocation=config.allocation + ("+amia" if config.amia else ""),
         full_checkpoint=full, provenance=provenance, evaluation=evaluation)
-    write_artifact(out, plan, masks)
+    pruned = any(not bool(m.all()) for m in masks.values())
+    write_artifact(out, plan, masks if pruned else None)  # a KV-only plan needs no masks
     if full:
         save_llava_checkpoint(model, processor, out)
     write_report(out, plan, {k: m.numel() for k, m in masks.items()}, study)
-    print(f"artifact written to {out} (mean sparsity {evaluation['mean_sparsity']:.4f}"
+    print(f"artifact written to {out} (mean sparsity {evaluation['mean_sparsity']:.4f}, "
+          f"mean KV bits {plan.mean_kv_bits():g}"
           f"{', with the pruned checkpoint' if full else ''})")
     return out

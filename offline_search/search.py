@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import optuna
-import warnings
-from pathlib import Path
 
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from offline_search.allocation import block_grid, centred_blocks, expand_blocks, layer_blocks
 from offline_search.compress_config import CompressConfig
+from offline_search.kv_plans import equal_split, fit_budget, mean_bits, uniform_bits_within
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,9 @@ def open_study(config: CompressConfig) -> optuna.Study:
             heartbeat_interval=30, grace_period=90,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
     name = config.default_study_name()
-    study = optuna.create_study(storage=storage, study_name=name, direction="minimize",
-                                load_if_exists=True)
+    # pareto: perplexity (or loss) against mean KV bits, both minimised
+    directions = ["minimize", "minimize"] if config.kv_search == "pareto" else ["minimize"]
+    study = optuna.create_study(storage=storage, study_name=name, directions=directions, load_if_exists=True)
     settings = config.search_settings()
     started = study.user_attrs.get("settings")
     if started is None:
@@ -63,26 +65,50 @@ def block_plan(config: CompressConfig, layer_weights: list[int]) -> tuple[list[r
 
 
 def run_search(config: CompressConfig, layer_weights: list[int],
-               evaluate_plan: Callable[[list[float]], float],
+               evaluate_plan: Callable[[list[float] | None, list[int] | None], float],
                warm_start: list[float] | None, bare_eval_seconds: float) -> optuna.Study:
-    """Runs trials until `config.trials` have completed; `evaluate_plan(per-layer sparsity)` -> value."""
-    grid = block_grid(config.sparsity, config.radius, config.step)
-    blocks, weights = block_plan(config, layer_weights)
+    """Runs trials until `config.trials` have completed. A trial samples per-block sparsities
+    (allocation tpe) and/or per-layer KV bits (kv_search) and calls
+    `evaluate_plan(per-layer sparsity or None, per-layer bits or None)` -> objective value."""
+    num_layers = len(layer_weights)
     study = open_study(config)
-    # Parameters are integer offsets in grid steps (-2 ... 2 for the paper's grid): ordered for TPE,
-    # and exact in the study database (no 0.39999999999999997).
-    reach = (len(grid) - 1) // 2
-    names = [f"block_{b}" for b in range(len(blocks))]
-    study.enqueue_trial(dict.fromkeys(names, 0), skip_if_exists=True)  # the uniform plan first
+    first: dict[str, int | float] = {}  # the uniform plan, the first trial of every new study
+    if config.allocation == "tpe":
+        grid = block_grid(config.sparsity, config.radius, config.step)
+        blocks, weights = block_plan(config, layer_weights)
+        # Integer offsets in grid steps (-2 ... 2 for the paper's grid): ordered for TPE, and exact
+        # in the study database (no 0.39999999999999997).
+        reach = (len(grid) - 1) // 2
+        names = [f"block_{b}" for b in range(len(blocks))]
+        first |= dict.fromkeys(names, 0)
+    choices = config.kv_choices
+    kv_names = [f"kv_{layer}" for layer in range(num_layers)]
+    if config.kv_search == "split":
+        first |= dict.fromkeys(kv_names, 0.5)
+    elif config.kv_search in ("budget", "pareto"):
+        first |= dict.fromkeys(kv_names, choices.index(uniform_bits_within(config.kv_bits_budget, choices)))
+    study.enqueue_trial(first, skip_if_exists=True)
     if warm_start is not None:
         offsets = [round((value - config.sparsity) / config.step) for value in warm_start]
-        study.enqueue_trial(dict(zip(names, offsets)), skip_if_exists=True)
+        study.enqueue_trial({**first, **dict(zip(names, offsets))}, skip_if_exists=True)
 
-    def objective(trial: optuna.Trial) -> float:
-        sampled = [config.sparsity + config.step * trial.suggest_int(n, -reach, reach) for n in names]
-        centred = centred_blocks(sampled, weights, config.sparsity)
-        trial.set_user_attr("block_sparsity", centred)
-        return evaluate_plan(expand_blocks(centred, blocks))
+    def objective(trial: optuna.Trial):
+        layer_sparsity = bits = None
+        if config.allocation == "tpe":
+            sampled = [config.sparsity + config.step * trial.suggest_int(n, -reach, reach) for n in names]
+            centred = centred_blocks(sampled, weights, config.sparsity)
+            trial.set_user_attr("block_sparsity", centred)
+            layer_sparsity = expand_blocks(centred, blocks)
+        if config.kv_search == "split":
+            bits = equal_split([trial.suggest_float(n, 0.0, 1.0) for n in kv_names])
+        elif config.kv_search in ("budget", "pareto"):
+            bits = [choices[trial.suggest_int(n, 0, len(choices) - 1)] for n in kv_names]
+            if config.kv_bits_budget is not None:
+                bits = fit_budget(bits, config.kv_bits_budget, choices)
+        if bits is not None:
+            trial.set_user_attr("kv_bits", bits)
+        value = evaluate_plan(layer_sparsity, bits)
+        return (value, mean_bits(bits)) if config.kv_search == "pareto" else value
 
     if config.show_progress:  # the bar shows each trial; Optuna's per-trial INFO lines would break it
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -98,7 +124,10 @@ def run_search(config: CompressConfig, layer_weights: list[int],
         if trial.state == TrialState.COMPLETE:
             durations.append(trial.duration.total_seconds())
             bar.update(1)
-            bar.set_postfix(best=f"{study.best_value:.4g}", last=f"{trial.value:.4g}")
+            if len(trial.values) == 1:
+                bar.set_postfix(best=f"{study.best_value:.4g}", last=f"{trial.value:.4g}")
+            else:
+                bar.set_postfix(pareto=len(study.best_trials), last=f"{trial.values[0]:.4g}@{trial.values[1]:.2f}b")
 
     start = time.perf_counter()
     try:
@@ -118,3 +147,15 @@ def run_search(config: CompressConfig, layer_weights: list[int],
 
 def _completed(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def chosen_trial(study: optuna.Study, config: CompressConfig) -> optuna.trial.FrozenTrial:
+    """The trial to export: the best one; for a Pareto search, the lowest objective among the
+    Pareto-optimal trials within --kv-bits-budget (all of them without a budget)."""
+    if config.kv_search != "pareto":
+        return study.best_trial
+    front = study.best_trials
+    within = [t for t in front if config.kv_bits_budget is None or t.values[1] <= config.kv_bits_budget + 1e-9]
+    if not within:
+        raise ValueError(f"no Pareto-optimal trial has a mean of at most {config.kv_bits_budget:g} KV bits")
+    return min(within, key=lambda t: t.values[0])

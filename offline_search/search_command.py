@@ -20,9 +20,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, allocations: tuple[str
     parser.add_argument("--model", required=True, help="bundled model name (shapes-llava) or LLaVA checkpoint directory")
     parser.add_argument("--sparsity", type=float, required=True,
                         help="target share of language-model linear weights to zero, e.g. 0.5")
-    parser.add_argument("--metric", choices=METRICS, required=True,
+    parser.add_argument("--metric", choices=METRICS, default="lognorm",
                         help="weight importance: magnitude |W|; wanda |W|*||X||; lognorm, the paper's "
-                             "log-normalised score; sparsegpt, second-order pruning with weight update")
+                             "log-normalised score; sparsegpt, second-order pruning with weight update "
+                             "(default: %(default)s)")
     parser.add_argument("--allocation", choices=allocations, default=default,
                         help="how sparsity is shared among layers: uniform; owl (outlier-weighted); das "
                              "(TAMP diversity-aware, per matrix); tpe (searched) (default: %(default)s)")
@@ -32,6 +33,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, allocations: tuple[str
     parser.add_argument("--amia", action="store_true",
                         help="TAMP's adaptive multimodal input activation: only selected tokens feed "
                              "the activation norms of wanda / lognorm")
+    parser.add_argument("--kv-bits", type=int, default=16, choices=(16, 8, 6, 4, 2),
+                        help="KV-cache bits of every decoder layer when they are not searched (default: %(default)s)")
+    parser.add_argument("--kv-group", type=int, default=32,
+                        help="KV quantization group size along the head dimension (default: %(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="artifact directory to write")
     parser.add_argument("--full-checkpoint", action="store_true",
                         help="also write the pruned checkpoint (llava-hf layout) into --out "
@@ -73,6 +78,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Optuna storage URL, e.g. postgresql://user@host/db for many workers "
                             "(default: sqlite:///OUT/study.db)")
     group.add_argument("--study-name", default=None, help="default: derived from the settings")
+    group = parser.add_argument_group("KV-cache bits per layer (searched jointly with sparsity, or alone "
+                                      "with --allocation uniform)")
+    group.add_argument("--kv-search", choices=("none", "split", "budget", "pareto"), default=None,
+                       help="split: the paper's half 8-bit, half 6-bit; budget: mean bits at most "
+                            "--kv-bits-budget; pareto: objective against mean bits, a Pareto front "
+                            "(default: budget when --kv-bits-budget is given, else none)")
+    group.add_argument("--kv-bits-budget", type=float, default=None,
+                       help="mean KV bits per layer at most this (every trial meets it by construction)")
+    group.add_argument("--kv-choices", default="2,4,6,8,16",
+                       help="bit widths a layer may take in budget and pareto searches (default: %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace) -> CompressConfig:
@@ -91,7 +106,18 @@ def config_from_args(args: argparse.Namespace) -> CompressConfig:
         blocks=getattr(args, "blocks", None), trials=getattr(args, "trials", 1),
         storage=getattr(args, "storage", None), study_name=getattr(args, "study_name", None),
         seed=args.seed, warm_start=warm, amia=args.amia, objective=objective, calibration=calibration,
-        full_checkpoint=args.full_checkpoint, cache_dir=args.cache_dir)
+        full_checkpoint=args.full_checkpoint, cache_dir=args.cache_dir,
+        kv_bits=args.kv_bits, kv_group=args.kv_group, **_kv_search_args(args))
+
+
+def _kv_search_args(args: argparse.Namespace) -> dict:
+    budget = getattr(args, "kv_bits_budget", None)
+    mode = getattr(args, "kv_search", None) or ("budget" if budget is not None else "none")
+    try:
+        choices = tuple(int(c) for c in getattr(args, "kv_choices", "2,4,6,8,16").split(","))
+    except ValueError:
+        raise ValueError(f"--kv-choices {args.kv_choices!r}: write bit widths such as 2,4,6,8,16") from None
+    return {"kv_search": mode, "kv_bits_budget": budget, "kv_choices": choices}
 
 
 def run_command(args: argparse.Namespace, command: str) -> int:

@@ -174,3 +174,34 @@ def dataclasses_replace_sparsity(plan, sparsity):
 
     return dataclasses.replace(plan, layers=tuple(
         dataclasses.replace(layer, sparsity=dict.fromkeys(art.LINEARS, sparsity)) for layer in plan.layers))
+
+
+@pytest.mark.parametrize(("mode", "extra"), [
+    ("budget", ["--kv-bits-budget", "5"]),
+    ("split", ["--kv-search", "split"]),
+    ("pareto", ["--kv-search", "pareto", "--kv-bits-budget", "8"]),
+])
+def test_kv_search_modes(tiny_llava_dir, tmp_path, mode, extra):
+    out = tmp_path / mode
+    assert main(["search", *small_run(tiny_llava_dir, out, tmp_path / "cache"), "--sparsity", "0.5",
+                 "--blocks", "2", "--trials", "4", *extra]) == 0
+    plan = art.read_plan(out)
+    bits = [layer.kv_bits for layer in plan.layers]
+    assert plan.mean_sparsity(weight_sizes(tiny_llava_dir)) == pytest.approx(0.5, abs=0.005)
+    if mode == "budget":
+        assert plan.mean_kv_bits() <= 5
+    elif mode == "split":
+        assert sorted(bits) == sorted([8] * (len(bits) // 2) + [6] * (len(bits) - len(bits) // 2))
+    else:
+        assert plan.mean_kv_bits() <= 8 and (out / "pareto_front.png").is_file()
+    assert (out / "kv_bits_per_layer.png").is_file() == any(b != 16 for b in bits)
+    assert plan.kv_quant.group_size == 32
+
+
+def test_kv_only_search_writes_no_masks(tiny_llava_dir, tmp_path):
+    out = tmp_path / "kv"
+    main(["search", *small_run(tiny_llava_dir, out, tmp_path / "cache"), "--sparsity", "0",
+          "--allocation", "uniform", "--kv-bits-budget", "4", "--trials", "3"])
+    plan = art.read_plan(out)
+    assert plan.mean_kv_bits() <= 4 and not (out / art.MASK_FILE).exists()
+    assert all(s == 0 for layer in plan.layers for s in layer.sparsity.values())

@@ -1,0 +1,27 @@
+import pytest
+
+from offline_search.kv_plans import check_choices, equal_split, fit_budget, mean_bits, uniform_bits_within
+
+
+def test_fit_budget_by_hand():
+    choices = (2, 4, 6, 8, 16)
+    # mean 9.5 > 6: 16 -> 8 (mean 7.5), then the last 8 -> 6 (7.0), then the next 8 -> 6 (6.5), ...
+    assert fit_budget([16, 8, 8, 6], 6, choices) == [6, 6, 6, 6]
+    assert fit_budget([2, 16, 2, 2], 6, choices) == [2, 16, 2, 2]  # already within: untouched
+    assert fit_budget([8, 8, 8, 8], 4.5, choices) == [6, 4, 4, 4]  # ties: the last layer goes first
+    assert mean_bits(fit_budget([16, 16, 16], 4.5, choices)) <= 4.5
+
+
+def test_equal_split_by_hand():
+    assert equal_split([0.1, 0.9, 0.5, 0.7]) == [6, 8, 6, 8]
+    assert equal_split([0.3, 0.2, 0.1]) == [8, 6, 6]  # odd count: the extra layer gets 6 bits
+
+
+def test_choices_and_errors():
+    assert check_choices((8, 2, 4)) == (2, 4, 8)
+    assert uniform_bits_within(6, (2, 4, 6, 8, 16)) == 6
+    assert uniform_bits_within(None, (2, 4, 8)) == 8
+    with pytest.raises(ValueError, match="--kv-choices 3,8: allowed 16, 8, 6, 4, 2"):
+        check_choices((3, 8))
+    with pytest.raises(ValueError, match="--kv-bits-budget 1 is below the narrowest choice, 2 bits"):
+        fit_budget([2, 2], 1, (2, 4))
