@@ -1,11 +1,13 @@
-"""The pruning results table on shapes-llava at 50% sparsity (issue: offline_search acceptance).
+"""The results tables on shapes-llava: pruning methods at 50% sparsity (--table pruning) and
+per-layer KV-cache bits (--table kv).
 
-Runs every method through the product's own commands (`adaspkv prune` / `adaspkv search`, then
-`adaspkv eval --artifact`), one after the other in this process's machine, and writes
-results/shapes-llava/pruning/<row>.json and results/shapes-llava/pruning-50.md. Rows whose JSON
+Runs every row through the product's own commands (`adaspkv prune` / `adaspkv search`, then
+`adaspkv eval --artifact`), one after the other on this machine, and writes
+results/shapes-llava/<table>/<row>.json and results/shapes-llava/<table>.md. Rows whose JSON
 exists are not re-run (delete it to redo one).
 
-    .venv/bin/python scripts/pruning_table.py [--trials 50] [--seed 0]
+    .venv/bin/python scripts/results_table.py --table pruning [--trials 50] [--seed 0]
+    .venv/bin/python scripts/results_table.py --table kv [--trials 50] [--seed 0]
 """
 
 from __future__ import annotations
@@ -23,7 +25,28 @@ ADASPKV = str(Path(sys.executable).with_name("adaspkv"))
 RESULTS = REPO / "results" / "shapes-llava"
 
 
-def rows(trials: int, seed: int) -> list[tuple[str, str, list[str] | None]]:
+TITLES = {
+    "pruning": "shapes-llava, 50% sparsity of the language-model linears",
+    "kv": "shapes-llava, per-layer KV-cache bits (simulated with the serving quantizer, group 32)",
+}
+
+
+def kv_rows(trials: int, seed: int) -> list[tuple[str, str, list[str] | None]]:
+    kv_only = ["--model", "shapes-llava", "--sparsity", "0", "--allocation", "uniform", "--seed", str(seed)]
+    table = [("dense", "16-bit (dense)", None)]
+    table += [(f"uniform{b}", f"uniform {b}-bit", ["prune", *kv_only, "--kv-bits", str(b)]) for b in (8, 6, 4)]
+    table += [(f"search{str(b).replace('.', '_')}", f"searched, mean <= {b} bits ({trials} trials)",
+               ["search", *kv_only, "--kv-bits-budget", str(b), "--trials", str(trials)]) for b in (6, 4.5)]
+    table += [("split", f"searched, the paper's half 8 / half 6 ({trials} trials)",
+               ["search", *kv_only, "--kv-search", "split", "--trials", str(trials)])]
+    joint = ["search", "--model", "shapes-llava", "--sparsity", "0.5", "--metric", "lognorm", "--seed", str(seed)]
+    table += [("lognorm-tpe", f"50% lognorm, TPE, 16-bit KV ({trials} trials)", [*joint, "--trials", str(trials)]),
+              ("joint-s50-kv7", f"50% lognorm + KV mean <= 7 bits, joint TPE ({trials} trials)",
+               [*joint, "--kv-bits-budget", "7", "--trials", str(trials)])]
+    return table
+
+
+def pruning_rows(trials: int, seed: int) -> list[tuple[str, str, list[str] | None]]:
     """(row id, label, compress arguments or None for the dense model)."""
     prune = ["prune", "--model", "shapes-llava", "--sparsity", "0.5", "--seed", str(seed)]
     table = [("dense", "dense", None)]
@@ -52,11 +75,14 @@ def run(command: list[str], log) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", choices=TITLES, required=True)
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "pruning-table")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: runs/<table>-table")
     args = parser.parse_args()
-    out = RESULTS / "pruning"
+    args.workdir = args.workdir or REPO / "runs" / f"{args.table}-table"
+    rows = {"pruning": pruning_rows, "kv": kv_rows}[args.table]
+    out = RESULTS / args.table
     out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
     commands = []
@@ -80,30 +106,32 @@ def main() -> int:
                 data["plan"] = json.loads((artifact / "adaspkv.json").read_text())
             result.write_text(json.dumps(data, indent=1))
             print(f"{row}: ppl {data['wikitext2_ppl']:.2f}, acc {data['shapesvqa_accuracy']:.3f} ({seconds:.0f} s)")
-    write_table(rows(args.trials, args.seed), out, commands)
+    write_table(TITLES[args.table], rows(args.trials, args.seed), out, commands)
     return 0
 
 
-def write_table(table, out: Path, commands: list[str]) -> None:
-    lines = ["# shapes-llava, 50% sparsity of the language-model linears", "",
+def write_table(title: str, table, out: Path, commands: list[str]) -> None:
+    lines = [f"# {title}", "",
              "WikiText-2 test perplexity (1604 windows x 256 tokens, the pruning papers' protocol) and "
              "ShapesVQA test accuracy (1000 questions), offline through transformers. Produced by "
-             "`.venv/bin/python scripts/pruning_table.py` on a 2-core CPU machine.", "",
-             "| method | WikiText-2 ppl | ShapesVQA acc | mean sparsity | time to compress |",
-             "| --- | --- | --- | --- | --- |"]
+             f"`.venv/bin/python scripts/results_table.py --table {out.name}` on a 2-core CPU machine.", "",
+             "| method | WikiText-2 ppl | ShapesVQA acc | mean sparsity | KV bits per layer | time to compress |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for row, label, _ in table:
         path = out / f"{row}.json"
         if not path.is_file():
-            lines.append(f"| {label} | not run | | | |")
+            lines.append(f"| {label} | not run | | | | |")
             continue
         data = json.loads(path.read_text())
         sparsity = data["plan"]["evaluation"]["mean_sparsity"] if "plan" in data else ""
         sparsity = f"{sparsity:.4f}" if sparsity != "" else ("0" if row == "dense" else "")
+        bits = [layer["kv_bits"] for layer in data["plan"]["layers"]] if "plan" in data else []
+        bits = "/".join(map(str, bits)) or "16"
         lines.append(f"| {label} | {data['wikitext2_ppl']:.2f} | {data['shapesvqa_accuracy']:.3f} | "
-                     f"{sparsity} | {data.get('compress_seconds', 0):.0f} s |")
+                     f"{sparsity} | {bits} | {data.get('compress_seconds', 0):.0f} s |")
     lines += ["", "Commands (run from the repository root, `adaspkv` = `.venv/bin/adaspkv`):", "", "```"]
     lines += commands + ["```", ""]
-    (out.parent / "pruning-50.md").write_text("\n".join(lines))
+    (out.parent / f"{out.name}.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":
