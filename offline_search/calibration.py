@@ -28,6 +28,9 @@ from offline_search.vqa_batches import answer_batch
 from vllm_adaspkv.artifact import LINEARS, mask_key
 
 # Linears that read the same input tensor share its statistics (computed once, stored once).
+# Bump when the statistics computed here (or by tamp / sparsegpt) change: old cache entries are then
+# no longer found, instead of silently feeding new code with old numbers.
+STATISTICS_VERSION = 2
 SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
                 "mlp.up_proj": "mlp.gate_proj"}
 
@@ -54,7 +57,7 @@ class CalibrationConfig:
                              "calibration samples (--calibration-images shapesvqa)")
 
     def cache_key(self, model_sha256: str) -> str:
-        settings = json.dumps({"model": model_sha256, **asdict(self)}, sort_keys=True)
+        settings = json.dumps({"model": model_sha256, "version": STATISTICS_VERSION, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(settings.encode()).hexdigest()[:24]
 
 
