@@ -60,7 +60,7 @@ def compress(config: CompressConfig) -> Path:
             if layer_sparsity is not None:
                 pruner.apply(per_linear(layer_sparsity, num_layers))
             if bits is not None:
-                apply_kv_plan(model, bits, config.kv_group)
+                apply_kv_plan(model, bits, config.kv_group, config.kv_key_rotation == "hadamard")
             return objective()
 
         warm = _warm_start(config, stats, pruner, num_layers) if config.warm_start else None
@@ -76,7 +76,7 @@ def compress(config: CompressConfig) -> Path:
         plan = _fixed_plan(config, stats, pruner, num_layers)
     masks = pruner.apply(plan)
     if any(b != 16 for b in kv_bits):
-        apply_kv_plan(model, kv_bits, config.kv_group)
+        apply_kv_plan(model, kv_bits, config.kv_group, config.kv_key_rotation == "hadamard")
     value = objective()
     evaluation = {"objective": config.objective.describe(), "dense": dense_value, "pruned": value}
     print(f"compressed model: {config.objective.describe()} = {value:.4f}")

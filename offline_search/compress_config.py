@@ -41,6 +41,7 @@ class CompressConfig:
     kv_bits_budget: float | None = None
     kv_choices: tuple[int, ...] = (2, 4, 6, 8, 16)
     kv_group: int = 32  # quantization group along the head dimension
+    kv_key_rotation: str = "none"  # or "hadamard"
     full_checkpoint: bool = False
     cache_dir: Path | None = None  # default: $ADASPKV_CACHE_DIR or ~/.cache/adaspkv
     show_progress: bool = True
@@ -73,6 +74,8 @@ class CompressConfig:
                              f"{min(self.kv_choices)} bits")
         if self.kv_search != "none" and self.kv_bits != 16:
             raise ValueError("--kv-bits sets one width for every layer; it cannot be combined with --kv-search")
+        if self.kv_key_rotation not in ("none", "hadamard"):
+            raise ValueError(f"--kv-key-rotation {self.kv_key_rotation!r}: choose from none, hadamard")
         if self.kv_group < 1:
             raise ValueError(f"--kv-group {self.kv_group}: must be >= 1")
         if self.trials < 1:
@@ -122,4 +125,5 @@ class CompressConfig:
                 "radius": self.radius, "step": self.step, "amia": self.amia,
                 "objective": self.objective.describe(), "calibration": repr(self.calibration),
                 "allocation": self.allocation, "kv_search": self.kv_search, "kv_bits_budget": self.kv_bits_budget,
-                "kv_choices": list(self.kv_choices), "kv_group": self.kv_group}
+                "kv_choices": list(self.kv_choices), "kv_group": self.kv_group,
+                "kv_key_rotation": self.kv_key_rotation}

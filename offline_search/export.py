@@ -31,7 +31,7 @@ def export_artifact(config: CompressConfig, model, processor, model_dir: Path, m
     evaluation = {**evaluation, "mean_sparsity": zeroed / sum(m.numel() for m in masks.values())}
     plan = Plan(
         base_model=BaseModel(path=str(Path(model_dir).resolve()), sha256=model_sha256(model_dir)),
-        layers=layer_plans(masks, kv_bits), kv_quant=KVQuantScheme(group_size=config.kv_group),
+        layers=layer_plans(masks, kv_bits), kv_quant=KVQuantScheme(group_size=config.kv_group, key_rotation=config.kv_key_rotation),
         metric=config.metric, structure=config.structure,
         allocation=config.allocation + ("+amia" if config.amia else ""),
         full_checkpoint=full, provenance=provenance, evaluation=evaluation)

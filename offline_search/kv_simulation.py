@@ -9,7 +9,7 @@ their original values at every step, which gives the same numbers as quantizing 
 
 from __future__ import annotations
 
-from vllm_adaspkv.kv_quant import check_layout, fake_quantize
+from vllm_adaspkv.kv_quant import check_layout, fake_quantize, fake_quantize_rotated, hadamard
 
 ATTENTION_NAME = "adaspkv_fake_kv"
 BASE_ATTENTION = "sdpa"
@@ -19,14 +19,16 @@ def _fake_kv_attention(module, query, key, value, attention_mask, **kwargs):
     """key, value [batch, kv_heads, tokens, head_dim]: quantized per token and head, then SDPA."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    bits, group = module.adaspkv_kv
+    bits, group, rotate_keys = module.adaspkv_kv
     if bits != 16:
-        key, value = fake_quantize(key, bits, group), fake_quantize(value, bits, group)
+        key = (fake_quantize_rotated if rotate_keys else fake_quantize)(key, bits, group)
+        value = fake_quantize(value, bits, group)
     return ALL_ATTENTION_FUNCTIONS[BASE_ATTENTION](module, query, key, value, attention_mask, **kwargs)
 
 
-def apply_kv_plan(model, bits_per_layer: list[int], group: int) -> None:
-    """Makes the model's language-model attention read K/V through the quantizer, layer by layer."""
+def apply_kv_plan(model, bits_per_layer: list[int], group: int, rotate_keys: bool = False) -> None:
+    """Makes the model's language-model attention read K/V through the quantizer, layer by layer;
+    with `rotate_keys`, keys are quantized in the Hadamard basis."""
     from transformers import AttentionInterface
 
     layers = model.model.language_model.layers
@@ -35,9 +37,11 @@ def apply_kv_plan(model, bits_per_layer: list[int], group: int) -> None:
     head_dim = model.config.text_config.head_dim
     for bits in set(bits_per_layer):
         check_layout(bits, head_dim, group)
+    if rotate_keys:
+        hadamard(head_dim)  # fails early on a head_dim that is not a power of two
     AttentionInterface.register(ATTENTION_NAME, _fake_kv_attention)  # same function every time
     for layer, bits in zip(layers, bits_per_layer):
-        layer.self_attn.adaspkv_kv = (bits, group)
+        layer.self_attn.adaspkv_kv = (bits, group, rotate_keys)
     model.set_attn_implementation({"text_config": ATTENTION_NAME})
 
 

@@ -37,6 +37,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, allocations: tuple[str
                         help="KV-cache bits of every decoder layer when they are not searched (default: %(default)s)")
     parser.add_argument("--kv-group", type=int, default=32,
                         help="KV quantization group size along the head dimension (default: %(default)s)")
+    parser.add_argument("--kv-key-rotation", choices=("none", "hadamard"), default="none",
+                        help="quantize keys in the Hadamard basis (spreads outlier channels; head_dim a "
+                             "power of two) (default: %(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="artifact directory to write")
     parser.add_argument("--full-checkpoint", action="store_true",
                         help="also write the pruned checkpoint (llava-hf layout) into --out "
@@ -107,7 +110,8 @@ def config_from_args(args: argparse.Namespace) -> CompressConfig:
         storage=getattr(args, "storage", None), study_name=getattr(args, "study_name", None),
         seed=args.seed, warm_start=warm, amia=args.amia, objective=objective, calibration=calibration,
         full_checkpoint=args.full_checkpoint, cache_dir=args.cache_dir,
-        kv_bits=args.kv_bits, kv_group=args.kv_group, **_kv_search_args(args))
+        kv_bits=args.kv_bits, kv_group=args.kv_group, kv_key_rotation=args.kv_key_rotation,
+        **_kv_search_args(args))
 
 
 def _kv_search_args(args: argparse.Namespace) -> dict:

@@ -34,7 +34,9 @@ TITLES = {
 def kv_rows(trials: int, seed: int) -> list[tuple[str, str, list[str] | None]]:
     kv_only = ["--model", "shapes-llava", "--sparsity", "0", "--allocation", "uniform", "--seed", str(seed)]
     table = [("dense", "16-bit (dense)", None)]
-    table += [(f"uniform{b}", f"uniform {b}-bit", ["prune", *kv_only, "--kv-bits", str(b)]) for b in (8, 6, 4)]
+    table += [(f"uniform{b}", f"uniform {b}-bit", ["prune", *kv_only, "--kv-bits", str(b)]) for b in (8, 6, 4, 2)]
+    table += [(f"uniform{b}-hadamard", f"uniform {b}-bit, Hadamard-rotated keys",
+               ["prune", *kv_only, "--kv-bits", str(b), "--kv-key-rotation", "hadamard"]) for b in (4, 2)]
     table += [(f"search{str(b).replace('.', '_')}", f"searched, mean <= {b} bits ({trials} trials)",
                ["search", *kv_only, "--kv-bits-budget", str(b), "--trials", str(trials)]) for b in (6, 4.5)]
     table += [("split", f"searched, the paper's half 8 / half 6 ({trials} trials)",

@@ -32,6 +32,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 PLAN_METRICS = ("magnitude", "wanda", "lognorm", "sparsegpt", "none")
 SCALE_DTYPES = ("float16", "float32", "bfloat16")
+KEY_ROTATIONS = ("none", "hadamard")
 _MASK_KEY = re.compile(r"language_model\.model\.layers\.(\d+)\.(.+)\.weight")
 
 
@@ -63,12 +64,15 @@ class KVQuantScheme:
     group_size: int = 32
     symmetric: bool = False
     scale_dtype: str = "float16"
+    key_rotation: str = "none"  # or "hadamard": keys quantized in the Hadamard basis
 
     def __post_init__(self):
         if not isinstance(self.group_size, int) or self.group_size <= 0:
             raise ArtifactError(f"kv_quant.group_size = {self.group_size}: must be a positive integer")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ArtifactError(f"kv_quant.scale_dtype = {self.scale_dtype!r}: allowed {', '.join(SCALE_DTYPES)}")
+        if self.key_rotation not in KEY_ROTATIONS:
+            raise ArtifactError(f"kv_quant.key_rotation = {self.key_rotation!r}: allowed {', '.join(KEY_ROTATIONS)}")
 
 
 @dataclass(frozen=True)

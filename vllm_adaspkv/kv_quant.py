@@ -82,6 +82,25 @@ def fake_quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return dequantize(quantize(x, bits, group), bits, x.shape[-1], group, x.dtype)
 
 
+def hadamard(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix [n, n] (n a power of two); symmetric, its own inverse.
+    Rotating keys by it spreads outlier channels over the whole head before quantization; since
+    q . k = (q H) . (k H), attention can read rotated keys with a rotated query."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / n**0.5).to(dtype)
+
+
+def fake_quantize_rotated(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Keys quantized in the Hadamard basis and rotated back: (Q(x H)) H. x [..., head_dim]."""
+    h = hadamard(x.shape[-1], torch.float32)
+    rotated = x.float() @ h
+    return (fake_quantize(rotated, bits, group).float() @ h).to(x.dtype)
+
+
 def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [..., n] -> [..., n * bits / 8]."""
     if bits == 8:

@@ -205,3 +205,18 @@ def test_kv_only_search_writes_no_masks(tiny_llava_dir, tmp_path):
     plan = art.read_plan(out)
     assert plan.mean_kv_bits() <= 4 and not (out / art.MASK_FILE).exists()
     assert all(s == 0 for layer in plan.layers for s in layer.sparsity.values())
+
+
+@pytest.mark.slow
+def test_the_issue_command_on_shapes_llava(tmp_path, capsys):
+    """adaspkv search --model shapes-llava --sparsity 0.5 --metric lognorm --trials 3 --out DIR
+    (plus --kv-bits-budget 6): on target, one KV entry per decoder layer within the budget."""
+    out = tmp_path / "art"
+    assert main(["search", "--model", "shapes-llava", "--sparsity", "0.5", "--metric", "lognorm",
+                 "--trials", "3", "--kv-bits-budget", "6", "--out", str(out), "--cache-dir", str(tmp_path)]) == 0
+    plan = art.read_plan(out)
+    from offline_search.model_registry import resolve_model
+
+    assert plan.mean_sparsity(weight_sizes(resolve_model("shapes-llava"))) == pytest.approx(0.5, abs=0.005)
+    assert plan.num_layers() == 4 and plan.mean_kv_bits() <= 6
+    assert "x one bare evaluation" in capsys.readouterr().out

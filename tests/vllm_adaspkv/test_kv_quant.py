@@ -66,3 +66,20 @@ def test_layout_errors(args, message):
 def test_dequantize_checks_the_row_size():
     with pytest.raises(ValueError, match="packed rows have 10 bytes; 8-bit, head_dim 64, group 32 needs 72"):
         dequantize(torch.zeros(3, 10, dtype=torch.uint8), 8, 64, 32)
+
+
+def test_hadamard_by_hand_and_rotation_round_trip():
+    from vllm_adaspkv.kv_quant import fake_quantize_rotated, hadamard
+
+    assert torch.allclose(hadamard(2), torch.tensor([[1.0, 1.0], [1.0, -1.0]]) / 2**0.5)
+    h = hadamard(64)
+    assert torch.allclose(h @ h, torch.eye(64), atol=1e-6)  # symmetric and orthonormal: its own inverse
+    with pytest.raises(ValueError, match="power-of-two head_dim, got 80"):
+        hadamard(80)
+    x = torch.randn(8, 64)
+    assert torch.allclose(fake_quantize_rotated(x, 16, 32), x, atol=1e-2)
+    # one outlier channel: in the Hadamard basis it no longer stretches its group's range
+    x[:, 3] = 40.0
+    plain = (fake_quantize(x, 4, 32) - x).pow(2).mean()
+    rotated = (fake_quantize_rotated(x, 4, 32) - x).pow(2).mean()
+    assert rotated < plain
