@@ -47,36 +47,35 @@ def compress(config: CompressConfig) -> Path:
                   "objective": config.objective.describe(), "seed": config.seed}
     study = None
     kv_bits = [config.kv_bits] * num_layers
+    plan = None if config.allocation == "tpe" else _fixed_plan(config, stats, pruner, num_layers)
     if config.searches:
         from optuna.trial import TrialState
 
         from offline_search.search import chosen_trial, run_search
 
-        fixed = None if config.allocation == "tpe" else _fixed_plan(config, stats, pruner, num_layers)
-        if fixed is not None:
-            pruner.apply(fixed)  # only the KV plan changes from trial to trial
+        if plan is not None:
+            pruner.apply(plan)  # a fixed sparsity plan: only the KV plan changes from trial to trial
 
         def evaluate_plan(layer_sparsity: list[float] | None, bits: list[int] | None) -> float:
             if layer_sparsity is not None:
                 pruner.apply(per_linear(layer_sparsity, num_layers))
             if bits is not None:
-                apply_kv_plan(model, bits, config.kv_group, config.kv_key_rotation == "hadamard")
+                apply_kv_plan(model, bits, config.kv_group, config.rotate_keys)
             return objective()
 
         warm = _warm_start(config, stats, pruner, num_layers) if config.warm_start else None
         study = run_search(config, layer_weights, evaluate_plan, warm, bare_eval_seconds)
         best = chosen_trial(study, config)
-        plan = fixed or per_linear(_layer_values(config, best.user_attrs["block_sparsity"], num_layers), num_layers)
+        if plan is None:
+            plan = per_linear(_layer_values(config, best.user_attrs["block_sparsity"], num_layers), num_layers)
         kv_bits = best.user_attrs.get("kv_bits", kv_bits)
         provenance |= {"study_name": study.study_name, "storage": config.storage_url(),
                        "trial": best.number, "objective_values": best.values,
                        "trials_completed": len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
                        "timing": study.user_attrs.get("timing")}
-    else:
-        plan = _fixed_plan(config, stats, pruner, num_layers)
     masks = pruner.apply(plan)
     if any(b != 16 for b in kv_bits):
-        apply_kv_plan(model, kv_bits, config.kv_group, config.kv_key_rotation == "hadamard")
+        apply_kv_plan(model, kv_bits, config.kv_group, config.rotate_keys)
     value = objective()
     evaluation = {"objective": config.objective.describe(), "dense": dense_value, "pruned": value}
     print(f"compressed model: {config.objective.describe()} = {value:.4f}")

@@ -98,6 +98,10 @@ class CompressConfig:
         return self.allocation == "tpe" or self.kv_search != "none"
 
     @property
+    def rotate_keys(self) -> bool:
+        return self.kv_key_rotation == "hadamard"
+
+    @property
     def uses_das(self) -> bool:
         return self.allocation == "das" or self.warm_start == "das"
 
