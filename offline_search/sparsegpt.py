@@ -6,6 +6,10 @@ weights with the smallest w^2 / [H^-1]_jj^2 (over the whole block, or N of every
 each pruned column's error is then spread over the not-yet-processed columns through the upper
 Cholesky factor of H^-1, so that the layer's outputs on the calibration data change as little as
 possible. Pure tensor functions: no model, no I/O.
+
+Deviation from the reference (IST-DASLab/sparsegpt): the unstructured mask drops exactly
+int(sparsity * block size) weights per block (topk) where the reference's `score <= thresh` drops
+one more, and more on ties; so the achieved sparsity is the requested one rounded down per block.
 """
 
 from __future__ import annotations
@@ -35,19 +39,24 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match d_in={d_in}")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
+    if blocksize < 1 or percdamp < 0:
+        raise ValueError(f"blocksize={blocksize} must be >= 1 and percdamp={percdamp} >= 0")
     if nm is not None:
         n, m = nm
         if not 0 < n < m or d_in % m or blocksize % m:
             raise ValueError(f"N:M = {n}:{m}: need 0 < N < M, with M dividing d_in={d_in} and the block size")
-    w = weight.detach().clone().float()  # [d_out, d_in]
-    h = hessian.detach().clone().float()
+    # copies, in float32 for the inversions; the Hessian may come from a cache on another device
+    w = weight.detach().to(torch.float32, copy=True)  # [d_out, d_in]
+    h = hessian.detach().to(w.device, torch.float32, copy=True)  # [d_in, d_in]
+    if not torch.isfinite(h).all():
+        raise ValueError("the Hessian has non-finite entries (inf / NaN in the calibration activations?)")
     dead = torch.diag(h) == 0  # inputs never active: their weights cannot matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += percdamp * torch.diag(h).mean() * torch.eye(d_in)
+    h.diagonal().add_(percdamp * torch.diag(h).mean())  # dampening keeps a rank-deficient H invertible
     try:
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except RuntimeError:  # torch.linalg.LinAlgError
+    except RuntimeError:  # torch.linalg.LinAlgError subclasses it
         raise ValueError("the Hessian is not positive definite even after dampening; use more calibration "
                          "tokens or a larger percdamp") from None
     mask = torch.ones_like(w, dtype=torch.bool)
@@ -59,7 +68,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         mask1 = torch.ones_like(w1, dtype=torch.bool)
         if nm is None and sparsity > 0:
             score = w1.pow(2) / torch.diag(hinv1).pow(2)[None, :]  # [d_out, b]
-            drop = int(score.numel() * sparsity)
+            drop = int(score.numel() * sparsity)  # exact count, not the reference's `<= thresh`
             if drop:
                 mask1.view(-1)[torch.topk(score.flatten(), drop, largest=False).indices] = False
         for j in range(end - start):
