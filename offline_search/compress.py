@@ -6,10 +6,8 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 
 from offline_search import allocation
-from offline_search.calibration import model_linears
 from offline_search.calibration_cache import cached_calibration, default_cache_dir
 from offline_search.checkpoint import load_llava
 from offline_search.compress_config import CompressConfig
@@ -49,9 +47,7 @@ def compress(config: CompressConfig) -> Path:
     kv_bits = [config.kv_bits] * num_layers
     plan = None if config.allocation == "tpe" else _fixed_plan(config, stats, pruner, num_layers)
     if config.searches:
-        from optuna.trial import TrialState
-
-        from offline_search.search import chosen_trial, run_search
+        from offline_search.search import chosen_trial, completed_trials, run_search
 
         if plan is not None:
             pruner.apply(plan)  # a fixed sparsity plan: only the KV plan changes from trial to trial
@@ -71,7 +67,7 @@ def compress(config: CompressConfig) -> Path:
         kv_bits = best.user_attrs.get("kv_bits", kv_bits)
         provenance |= {"study_name": study.study_name, "storage": config.storage_url(),
                        "trial": best.number, "objective_values": best.values,
-                       "trials_completed": len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
+                       "trials_completed": completed_trials(study),
                        "timing": study.user_attrs.get("timing")}
     masks = pruner.apply(plan)
     if any(b != 16 for b in kv_bits):
@@ -124,11 +120,3 @@ def _warm_start(config: CompressConfig, stats: dict, pruner: Pruner, num_layers:
                   / sum(pruner.dense[mask_key(i, n)].numel() for n in LINEARS) for i in range(num_layers)]
     grid = allocation.block_grid(config.sparsity, config.radius, config.step)
     return allocation.block_means(layers, allocation.layer_blocks(num_layers, config.blocks), grid)
-
-
-@torch.no_grad()
-def apply_artifact_masks(model, masks: dict[str, torch.Tensor]) -> None:
-    """Multiplies the language-model linears by an artifact's keep masks (in place)."""
-    linears = model_linears(model)
-    for key, mask in masks.items():
-        linears[key].weight.mul_(mask.to(linears[key].weight.dtype))

@@ -10,6 +10,8 @@ from offline_search.calibration import CalibrationConfig
 from offline_search.kv_plans import check_choices
 from offline_search.metrics import METRICS
 from offline_search.objective import ObjectiveConfig
+from vllm_adaspkv.artifact import KEY_ROTATIONS
+from vllm_adaspkv.kv_quant import KV_BITS
 
 ALLOCATIONS = ("uniform", "owl", "das", "tpe")
 WARM_STARTS = ("owl", "das")
@@ -62,8 +64,6 @@ class CompressConfig:
                 raise ValueError(f"--nm {n}:{m} means sparsity {n / m:g}, but --sparsity is {self.sparsity}")
         if self.kv_search not in KV_SEARCHES:
             raise ValueError(f"--kv-search {self.kv_search!r}: choose from {', '.join(KV_SEARCHES)}")
-        from vllm_adaspkv.kv_quant import KV_BITS
-
         if self.kv_bits not in KV_BITS:
             raise ValueError(f"--kv-bits {self.kv_bits}: allowed {', '.join(map(str, KV_BITS))}")
         check_choices(self.kv_choices)
@@ -74,8 +74,8 @@ class CompressConfig:
                              f"{min(self.kv_choices)} bits")
         if self.kv_search != "none" and self.kv_bits != 16:
             raise ValueError("--kv-bits sets one width for every layer; it cannot be combined with --kv-search")
-        if self.kv_key_rotation not in ("none", "hadamard"):
-            raise ValueError(f"--kv-key-rotation {self.kv_key_rotation!r}: choose from none, hadamard")
+        if self.kv_key_rotation not in KEY_ROTATIONS:
+            raise ValueError(f"--kv-key-rotation {self.kv_key_rotation!r}: choose from {', '.join(KEY_ROTATIONS)}")
         if self.kv_group < 1:
             raise ValueError(f"--kv-group {self.kv_group}: must be >= 1")
         if self.trials < 1:

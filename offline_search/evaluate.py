@@ -14,7 +14,9 @@ from tqdm import tqdm
 
 from offline_search import shapes_vqa
 from offline_search.perplexity import perplexity, unigram_perplexity, window_nll, windows
-from offline_search.text_data import joined_text, wikitext_path
+from offline_search.calibration import model_linears
+from offline_search.calibration_data import text_tokens
+from offline_search.text_data import wikitext_path
 from offline_search.vqa_batches import prompt_inputs
 
 TASKS = ("wikitext2", "shapesvqa")
@@ -77,7 +79,6 @@ def evaluate(config: EvalConfig, model_dir: Path) -> dict:
 def load_model(model_dir: Path, artifact: str | None):
     """The transformers LLaVA, with the artifact's masks (or its pruned checkpoint) when given."""
     from offline_search.checkpoint import load_llava
-    from offline_search.compress import apply_artifact_masks
     from vllm_adaspkv import artifact as art
 
     if artifact is None:
@@ -92,10 +93,11 @@ def load_model(model_dir: Path, artifact: str | None):
 
         apply_kv_plan(model, [layer.kv_bits for layer in plan.layers], plan.kv_quant.group_size,
                       plan.kv_quant.key_rotation == "hadamard")
+    linears = model_linears(model)
     if plan.full_checkpoint:  # the pruned weights themselves: their zeros must match the plan
         for i, layer in enumerate(plan.layers):
             for name, expected in layer.sparsity.items():
-                measured = float((model.get_submodule(_module_name(i, name)).weight == 0).float().mean())
+                measured = float((linears[art.mask_key(i, name)].weight == 0).float().mean())
                 if abs(measured - expected) > 1e-3:
                     raise art.ArtifactError(f"{source}: layer {i} {name} of the pruned checkpoint has "
                                             f"sparsity {measured:.4f}, the plan says {expected:.4f}")
@@ -104,20 +106,16 @@ def load_model(model_dir: Path, artifact: str | None):
             s for layer in plan.layers for s in layer.sparsity.values()):
         return model  # a KV-only plan: no weight is pruned
     masks = art.read_masks(artifact, plan)
-    shapes = {art.mask_key(i, n): tuple(model.get_submodule(_module_name(i, n)).weight.shape)
-              for i in range(plan.num_layers()) for n in art.LINEARS}
-    art.check_mask_shapes(masks, shapes, source)
-    apply_artifact_masks(model, masks)
+    art.check_mask_shapes(masks, {key: tuple(m.weight.shape) for key, m in linears.items()}, source)
+    with torch.no_grad():
+        for key, mask in masks.items():
+            linears[key].weight.mul_(mask.to(linears[key].weight.dtype))
     return model
 
 
-def _module_name(layer: int, linear: str) -> str:
-    return f"model.language_model.layers.{layer}.{linear}"
-
-
 def eval_wikitext2(backend, tokenizer, seq_len: int, limit: int | None) -> dict:
-    test = torch.tensor(tokenizer(joined_text(wikitext_path("test")), add_special_tokens=False)["input_ids"])
-    train = torch.tensor(tokenizer(joined_text(wikitext_path("validation")), add_special_tokens=False)["input_ids"])
+    test = text_tokens(str(wikitext_path("test")), tokenizer)
+    train = text_tokens("wikitext2", tokenizer)  # the validation split
     chunks = windows(test, seq_len, limit)
     batches = list(chunks.split(backend.batch_size))
     ppl = perplexity(backend.window_nll, tqdm(batches, desc="wikitext2", unit="batch"))

@@ -13,7 +13,7 @@ import torch
 
 from offline_search import shapes_vqa
 from offline_search.calibration_data import text_tokens
-from offline_search.perplexity import window_nll, windows
+from offline_search.perplexity import perplexity, window_nll, windows
 from offline_search.vqa_batches import IGNORE_INDEX, answer_batch
 
 OBJECTIVES = ("wikitext2", "shapesvqa", "mix")
@@ -66,17 +66,16 @@ class Objective:
     def __call__(self) -> float:
         kind, weight = self.config.kind, self.config.mix_weight
         if kind == "wikitext2":
-            return math.exp(self.text_nll())
+            return perplexity(self._window_nll, self.text_batches)
         if kind == "shapesvqa":
             return self.answer_nll()
         return (1 - weight) * self.text_nll() + weight * self.answer_nll()
 
     def text_nll(self) -> float:
-        total, count = 0.0, 0
-        for batch in self.text_batches:
-            total += float(window_nll(self.model(input_ids=batch).logits, batch).sum())
-            count += batch.shape[0] * (batch.shape[1] - 1)
-        return total / count
+        return math.log(perplexity(self._window_nll, self.text_batches))
+
+    def _window_nll(self, batch: torch.Tensor) -> torch.Tensor:
+        return window_nll(self.model(input_ids=batch).logits, batch)
 
     def answer_nll(self) -> float:
         total, count = 0.0, 0

@@ -112,7 +112,7 @@ def run_search(config: CompressConfig, layer_weights: list[int],
 
     if config.show_progress:  # the bar shows each trial; Optuna's per-trial INFO lines would break it
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    done = _completed(study)
+    done = completed_trials(study)
     remaining = config.trials - done
     if remaining <= 0:
         logger.info("study %r already has %d completed trials", study.study_name, done)
@@ -145,7 +145,7 @@ def run_search(config: CompressConfig, layer_weights: list[int],
     return study
 
 
-def _completed(study: optuna.Study) -> int:
+def completed_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 

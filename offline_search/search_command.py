@@ -9,10 +9,12 @@ import argparse
 from pathlib import Path
 
 from offline_search.calibration import CalibrationConfig
-from offline_search.compress_config import ALLOCATIONS, CompressConfig
+from offline_search.compress_config import ALLOCATIONS, KV_SEARCHES, CompressConfig
 from offline_search.masks import parse_nm
 from offline_search.metrics import METRICS
 from offline_search.objective import OBJECTIVES, ObjectiveConfig
+from vllm_adaspkv.artifact import KEY_ROTATIONS
+from vllm_adaspkv.kv_quant import KV_BITS
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, allocations: tuple[str, ...], default: str) -> None:
@@ -33,11 +35,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, allocations: tuple[str
     parser.add_argument("--amia", action="store_true",
                         help="TAMP's adaptive multimodal input activation: only selected tokens feed "
                              "the activation norms of wanda / lognorm")
-    parser.add_argument("--kv-bits", type=int, default=16, choices=(16, 8, 6, 4, 2),
+    parser.add_argument("--kv-bits", type=int, default=16, choices=KV_BITS,
                         help="KV-cache bits of every decoder layer when they are not searched (default: %(default)s)")
     parser.add_argument("--kv-group", type=int, default=32,
                         help="KV quantization group size along the head dimension (default: %(default)s)")
-    parser.add_argument("--kv-key-rotation", choices=("none", "hadamard"), default="none",
+    parser.add_argument("--kv-key-rotation", choices=KEY_ROTATIONS, default="none",
                         help="quantize keys in the Hadamard basis (spreads outlier channels; head_dim a "
                              "power of two) (default: %(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="artifact directory to write")
@@ -83,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--study-name", default=None, help="default: derived from the settings")
     group = parser.add_argument_group("KV-cache bits per layer (searched jointly with sparsity, or alone "
                                       "with --allocation uniform)")
-    group.add_argument("--kv-search", choices=("none", "split", "budget", "pareto"), default=None,
+    group.add_argument("--kv-search", choices=KV_SEARCHES, default=None,
                        help="split: the paper's half 8-bit, half 6-bit; budget: mean bits at most "
                             "--kv-bits-budget; pareto: objective against mean bits, a Pareto front "
                             "(default: budget when --kv-bits-budget is given, else none)")

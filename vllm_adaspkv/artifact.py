@@ -28,10 +28,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vllm_adaspkv.kv_quant import KV_BITS
+
 FORMAT_VERSION = 1
 PLAN_FILE = "adaspkv.json"
 MASK_FILE = "masks.safetensors"
-KV_BITS = (16, 8, 6, 4, 2)
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 PLAN_METRICS = ("magnitude", "wanda", "lognorm", "sparsegpt", "none")
