@@ -10,6 +10,14 @@ __version__ = "0.1.0"
 
 def register() -> None:
     """Entry point `vllm.general_plugins: adaspkv`."""
+    from vllm import ModelRegistry
+
     from vllm_adaspkv.plugin_flag import install_plugin_flag
+    from vllm_adaspkv.routing import install_artifact_routing
+    from vllm_adaspkv.serving_plan import PLUGIN_ARCHITECTURE
 
     install_plugin_flag()
+    install_artifact_routing()
+    # The string form defers importing the model (and with it torch's device setup) to the worker.
+    if PLUGIN_ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(PLUGIN_ARCHITECTURE, f"vllm_adaspkv.model:{PLUGIN_ARCHITECTURE}")

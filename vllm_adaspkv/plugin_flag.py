@@ -3,8 +3,9 @@
 vLLM 0.32 has no such option. It does load general plugins inside `AsyncEngineArgs.add_cli_args`,
 *before* that calls `EngineArgs.add_cli_args`, so a plugin that wraps `EngineArgs.add_cli_args`
 adds options to the parser without editing vLLM's files. Installed plugins are always loaded, so
-the option is what turns this one's behaviour on: `--plugin adaspkv` is carried to the engine core
-and the workers in `VllmConfig.additional_config["adaspkv"]`, never through module state.
+`--plugin adaspkv` is recorded in `VllmConfig.additional_config["adaspkv"]`, never in module state.
+What the plugin does is decided by the model: an artifact directory (one holding adaspkv.json) is
+served by the plugin's LLaVA (`routing`), any other model as stock vLLM serves it.
 """
 
 from __future__ import annotations
@@ -72,19 +73,23 @@ def install_plugin_flag() -> None:
         return parser
 
     def from_cli_args_with_plugin(cls, args: argparse.Namespace):
+        from vllm_adaspkv.artifact import ArtifactError
+        from vllm_adaspkv.routing import route_artifact
+        from vllm_adaspkv.serving_plan import is_artifact
+
         engine_args = from_cli_args(cls, args)
         name = getattr(args, "plugin", None)
         if name == PLUGIN_NAME:
             config = dict(engine_args.additional_config or {})
             config[ADDITIONAL_CONFIG_KEY] = {**config.get(ADDITIONAL_CONFIG_KEY, {}), "enabled": True}
             engine_args.additional_config = config
-            logger.info(
-                "adaspkv: --plugin %s accepted for model %s; the weight masks and the per-layer "
-                "KV cache are not applied yet in this release, the model is served as stock vLLM "
-                "serves it.",
-                name,
-                engine_args.model,
-            )
+            if not is_artifact(engine_args.model):
+                logger.info("adaspkv: %s is not an artifact directory (no adaspkv.json): served as stock "
+                            "vLLM serves it", engine_args.model)
+        try:  # on the command line a bad artifact is one line, not a traceback
+            route_artifact(engine_args)
+        except (ArtifactError, ValueError) as exc:
+            raise SystemExit(f"adaspkv: cannot serve {args.model}: {exc}") from None
         return engine_args
 
     setattr(add_cli_args_with_plugin, _WRAPPED, True)

@@ -1,0 +1,96 @@
+"""The LLaVA that serves an artifact: vLLM's LLaVA with masked language-model weights and a
+quantized paged KV cache in every decoder layer whose plan asks for fewer than 16 bits.
+
+Built in the worker process from `VllmConfig.additional_config["adaspkv"]["artifact"]`, which the
+front end (`routing`) set after checking the artifact; nothing reaches here through module state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+from vllm_adaspkv.artifact import PLAN_FILE, ArtifactError, read_masks
+from vllm_adaspkv.attention_backend import backend_for
+from vllm_adaspkv.plugin_flag import ADDITIONAL_CONFIG_KEY
+from vllm_adaspkv.serving_plan import ServedArtifact, ZeroCount, canonical_key, kv_formats, open_artifact, startup_table
+
+logger = logging.getLogger("vllm.adaspkv")
+
+
+def served_artifact(vllm_config) -> ServedArtifact:
+    settings = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {})
+    if "artifact" not in settings:
+        raise ArtifactError(f"{type(vllm_config).__name__}.additional_config[{ADDITIONAL_CONFIG_KEY!r}] names no "
+                            "artifact: serve an artifact directory (one with adaspkv.json) with the plugin installed")
+    return open_artifact(settings["artifact"])
+
+
+def decoder_attention_layers(model: torch.nn.Module) -> dict[int, Attention]:
+    """Decoder layer index -> its Attention module (layers on this pipeline rank only)."""
+    layers = {}
+    for module in model.modules():
+        if isinstance(module, Attention) and ".layers." in module.layer_name:
+            index = module.layer_name.split(".layers.")[1].split(".")[0]
+            layers[int(index)] = module
+    return layers
+
+
+def install_kv_formats(model: torch.nn.Module, served: ServedArtifact, kv_cache_dtype: str) -> None:
+    """Swaps each quantized layer's backend and impl for the adaspkv one of its format."""
+    formats = kv_formats(served)
+    if kv_cache_dtype != "auto" and any(formats):
+        raise ValueError(f"adaspkv: --kv-cache-dtype {kv_cache_dtype} cannot be combined with the per-layer KV "
+                         f"bit widths of {served.artifact_dir / PLAN_FILE}; leave it at auto")
+    for index, attn in decoder_attention_layers(model).items():
+        fmt = formats[index]
+        if fmt is None:
+            continue  # 16 bits: vLLM's own backend and cache, untouched
+        backend = backend_for(fmt)
+        # The impl refuses alibi, sliding windows, soft caps and KV sharing with a message.
+        attn.impl = backend.get_impl_cls()(
+            attn.num_heads, attn.head_size, attn.impl.scale, attn.num_kv_heads,
+            getattr(attn.impl, "alibi_slopes", None), attn.sliding_window, attn.kv_cache_dtype,
+            getattr(attn.impl, "logits_soft_cap", None) or None, attn.attn_type,
+            attn.kv_sharing_target_layer_name)
+        attn.attn_backend = backend
+
+
+class AdaspkvLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.served = served_artifact(vllm_config)
+        install_kv_formats(self, self.served, vllm_config.cache_config.cache_dtype)
+        cache = vllm_config.cache_config
+        logger.info("%s", startup_table(self.served, torch.tensor([], dtype=vllm_config.model_config.dtype)
+                                        .element_size(), cache.kv_cache_memory_bytes, cache.block_size))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Masks the Hugging Face weight stream before vLLM fuses q/k/v and gate/up and slices for
+        tensor parallelism, and checks every linear's zeros against the plan."""
+        served = self.served
+        plan = served.plan
+        pruned = any(any(layer.sparsity.values()) for layer in plan.layers)
+        masks = read_masks(served.artifact_dir, plan) if pruned and not plan.full_checkpoint else {}
+        unused = set(masks)
+        zeros = ZeroCount(plan)
+
+        def masked(stream):
+            for name, weight in stream:
+                key = canonical_key(name)
+                if key in masks:
+                    weight = torch.where(masks[key], weight, torch.zeros((), dtype=weight.dtype))
+                    unused.discard(key)
+                zeros.observe(key, weight)
+                yield name, weight
+
+        loaded = super().load_weights(masked(weights))
+        if unused:
+            raise ArtifactError(f"{served.artifact_dir}: masks for weights the checkpoint does not have: "
+                                f"{sorted(unused)[:3]}")
+        zeros.check(str(served.artifact_dir / PLAN_FILE))
+        return loaded

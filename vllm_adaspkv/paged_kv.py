@@ -1,0 +1,126 @@
+"""A paged KV cache whose pages hold quantized K/V rows, and attention that reads it (pure torch).
+
+This is the CPU serving path of the plugin and the reference of the GPU kernels; the quantizer
+itself is `kv_quant`, the same one the search's simulation uses, so what was measured offline
+is what is served.
+
+One layer's cache is a uint8 tensor [num_blocks, num_kv_heads, block_size, row_bytes] (vLLM's
+`LBHNC` page layout). A token's row for one KV head is `[K row | V row]`, each row as
+`kv_quant.quantize` packs it: codes, then one fp16 (scale, zero) pair per group. Keys may be stored
+in the Hadamard basis (`rotate_keys`); attention then rotates the query instead of every key,
+since q . k = (q H) . (k H).
+
+Blocks are not zeroed when vLLM hands them out, so anything past a request's length is garbage
+(possibly NaN once decoded): attention masks by sequence length and zeroes those rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vllm_adaspkv import kv_quant
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """How one layer stores a token's K and V for one KV head."""
+
+    bits: int
+    head_dim: int
+    group: int = 32
+    rotate_keys: bool = False
+
+    def __post_init__(self):
+        kv_quant.check_layout(self.bits, self.head_dim, self.group)
+        if self.rotate_keys:
+            kv_quant.hadamard(self.head_dim)  # raises unless head_dim is a power of two
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one token's K row; V is the same."""
+        return kv_quant.bytes_per_token_head(self.bits, self.head_dim, self.group)
+
+    @property
+    def token_head_bytes(self) -> int:
+        """Bytes of one token's K and V for one KV head: the page's last dimension."""
+        return 2 * self.row_bytes
+
+
+def encode(key: torch.Tensor, value: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
+    """key, value [T, H, D] -> uint8 rows [T, H, fmt.token_head_bytes]."""
+    if fmt.rotate_keys:
+        key = key.float() @ kv_quant.hadamard(fmt.head_dim).to(key.device)
+    return torch.cat([kv_quant.quantize(key, fmt.bits, fmt.group),
+                      kv_quant.quantize(value, fmt.bits, fmt.group)], -1)
+
+
+def decode(rows: torch.Tensor, fmt: KVFormat, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 rows [..., fmt.token_head_bytes] -> key, value [..., D] (keys in the stored basis)."""
+    b = fmt.row_bytes
+    return (kv_quant.dequantize(rows[..., :b], fmt.bits, fmt.head_dim, fmt.group, dtype),
+            kv_quant.dequantize(rows[..., b:], fmt.bits, fmt.head_dim, fmt.group, dtype))
+
+
+def write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
+          fmt: KVFormat) -> None:
+    """Quantize key, value [T, H, D] into their slots of cache [B, H, N, C]; slot s is block
+    s // N, position s % N. Negative slots (vLLM's padding) are skipped."""
+    n = slot_mapping.shape[0]
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, key, value = slots[keep], key[:n][keep], value[:n][keep]
+    block_size = cache.shape[2]
+    rows = encode(key[: slots.shape[0]], value[: slots.shape[0]], fmt)  # [T, H, C]
+    cache[slots // block_size, :, slots % block_size] = rows
+
+
+def attend(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+           query_start_loc: torch.Tensor, max_query_len: int, max_seq_len: int, scale: float,
+           fmt: KVFormat) -> torch.Tensor:
+    """Causal attention of the new tokens of R requests over their cached context.
+
+    query [T, Hq, D] holds request r's q_len_r newest tokens at rows query_start_loc[r]:...[r+1];
+    seq_lens [R] counts each request's tokens including those; block_table [R, >= blocks]; cache
+    [B, Hkv, N, C]. Returns [T, Hq, D] in query's dtype. Every step is batched over requests and
+    tokens: the context is gathered page by page, decoded once, and attended with SDPA under a
+    mask built from the lengths (prefill, decode, chunked prefill and prefix hits are one case).
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    num_reqs = seq_lens.shape[0]
+    device = query.device
+    block_size = cache.shape[2]
+    num_blocks = -(-max_seq_len // block_size)
+    pages = cache[block_table[:num_reqs, :num_blocks].long()]  # [R, nb, Hkv, N, C]
+    pages = pages.permute(0, 2, 1, 3, 4).flatten(2, 3)  # [R, Hkv, S, C], S = nb * N
+    key, value = decode(pages, fmt, torch.float32)  # [R, Hkv, S, D] each
+
+    seq_lens = seq_lens.long()
+    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()  # [R]
+    key_pos = torch.arange(key.shape[2], device=device)  # [S]
+    in_context = key_pos[None, :] < seq_lens[:, None]  # [R, S]
+    # Rows past a request's length are unwritten blocks: zero them so no NaN reaches the output.
+    key = key.masked_fill(~in_context[:, None, :, None], 0.0)
+    value = value.masked_fill(~in_context[:, None, :, None], 0.0)
+
+    # Scatter the packed query rows into a [R, Lq, Hq, D] batch.
+    token = torch.arange(num_tokens, device=device)
+    req = torch.searchsorted(query_start_loc[1:].long(), token, right=True)  # [T]
+    step = token - query_start_loc[:-1].long()[req]  # [T] index within the request's new tokens
+    q = query.new_zeros(num_reqs, max_query_len, num_heads, head_dim, dtype=torch.float32)
+    q[req, step] = query.float()
+    if fmt.rotate_keys:
+        q = q @ kv_quant.hadamard(head_dim).to(device)
+    q = q.transpose(1, 2)  # [R, Hq, Lq, D]
+
+    # Token i of request r sits at absolute position seq_len - q_len + i and sees keys <= it.
+    q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_query_len, device=device)[None, :]  # [R, Lq]
+    mask = key_pos[None, None, :] <= q_pos[:, :, None]  # [R, Lq, S]
+    mask &= in_context[:, None, :]
+    mask[:, :, 0] = True  # padding query rows (i >= q_len) need one visible key; they are dropped
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask[:, None], scale=scale,
+                                         enable_gqa=num_heads != key.shape[1])  # [R, Hq, Lq, D]
+    return out.transpose(1, 2)[req, step].to(query.dtype)  # [T, Hq, D]
