@@ -1,0 +1,41 @@
+"""Artifacts built in the tests: magnitude masks over a checkpoint and a KV bit width per layer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+
+from offline_search.masks import keep_mask
+from vllm_adaspkv.artifact import LINEARS, BaseModel, KVQuantScheme, LayerPlan, Plan, mask_key, model_sha256, write_artifact
+from vllm_adaspkv.serving_plan import canonical_key
+
+
+def linear_weights(model_dir: Path) -> dict:
+    """The language model's linear weights keyed like the artifact's masks."""
+    weights = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                weights[canonical_key(key)] = f.get_tensor(key)
+    return weights
+
+
+def make_artifact(out: Path, model_dir: Path, kv_bits: list[int], sparsity: float = 0.0, group: int = 32,
+                  key_rotation: str = "none") -> Path:
+    """Every linear pruned to `sparsity` by magnitude (exact counts), KV bits per layer as given."""
+    weights = linear_weights(model_dir)
+    masks = {mask_key(i, name): keep_mask(weights[mask_key(i, name)].abs(), sparsity)
+             for i in range(len(kv_bits)) for name in LINEARS} if sparsity else {}
+    layers = tuple(LayerPlan(sparsity={name: 1.0 - float(masks[mask_key(i, name)].float().mean())
+                                       for name in LINEARS} if sparsity else {}, kv_bits=bits)
+                   for i, bits in enumerate(kv_bits))
+    plan = Plan(base_model=BaseModel(path=str(Path(model_dir).resolve()), sha256=model_sha256(model_dir)),
+                layers=layers, metric="magnitude" if sparsity else "none",
+                kv_quant=KVQuantScheme(group_size=group, key_rotation=key_rotation))
+    return write_artifact(out, plan, masks or None)
+
+
+def num_layers(model_dir: Path) -> int:
+    return json.loads((Path(model_dir) / "config.json").read_text())["text_config"]["num_hidden_layers"]
