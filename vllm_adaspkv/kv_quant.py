@@ -108,10 +108,10 @@ def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     if bits in (4, 2):
         per = 8 // bits
         parts = q.reshape(*q.shape[:-1], -1, per).to(torch.int32)  # [..., n / per, per]
-        shifts = torch.arange(per, dtype=torch.int32) * bits
+        shifts = torch.arange(per, dtype=torch.int32, device=q.device) * bits
         return (parts << shifts).sum(-1).to(torch.uint8)
     word = q.reshape(*q.shape[:-1], -1, 4).to(torch.int32)  # 6 bits: [..., n / 4, 4] -> 24-bit words
-    word = (word << torch.arange(0, 24, 6, dtype=torch.int32)).sum(-1)  # [..., n / 4]
+    word = (word << torch.arange(0, 24, 6, dtype=torch.int32, device=q.device)).sum(-1)  # [..., n / 4]
     out = torch.stack([(word >> s) & 0xFF for s in (0, 8, 16)], -1)  # [..., n / 4, 3]
     return out.reshape(*q.shape[:-1], -1).to(torch.uint8)
 
@@ -122,9 +122,9 @@ def _unpack(codes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         return codes
     c = codes.to(torch.int32)
     if bits in (4, 2):
-        shifts = torch.arange(8 // bits, dtype=torch.int32) * bits
+        shifts = torch.arange(8 // bits, dtype=torch.int32, device=codes.device) * bits
         return ((c[..., None] >> shifts) & (2**bits - 1)).reshape(*codes.shape[:-1], n).to(torch.uint8)
     b = c.reshape(*codes.shape[:-1], -1, 3)  # [..., n / 4, 3]
     word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)  # [..., n / 4]
-    shifts = torch.arange(0, 24, 6, dtype=torch.int32)
+    shifts = torch.arange(0, 24, 6, dtype=torch.int32, device=codes.device)
     return ((word[..., None] >> shifts) & 63).reshape(*codes.shape[:-1], n).to(torch.uint8)
