@@ -31,3 +31,15 @@ def vllm_env(tmp_path_factory) -> dict[str, str]:
 def venv_bin(name: str) -> str:
     """A console script installed beside the running Python (`vllm`, `adaspkv`)."""
     return str(Path(sys.executable).with_name(name))
+
+
+@pytest.fixture(scope="session")
+def red_square(tmp_path_factory) -> Path:
+    """A red square on white, 64x48 PNG: an image prompt for the engine tests."""
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("img") / "red.png"
+    image = Image.new("RGB", (64, 48), "white")
+    image.paste((255, 0, 0), (10, 10, 40, 40))
+    image.save(path)
+    return path

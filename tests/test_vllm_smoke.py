@@ -23,15 +23,6 @@ MAX_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
-def red_square(tmp_path_factory):
-    path = tmp_path_factory.mktemp("img") / "red.png"
-    image = Image.new("RGB", (64, 48), "white")
-    image.paste((255, 0, 0), (10, 10, 40, 40))
-    image.save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def server(tiny_llava_dir, vllm_env, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
     config = ServerConfig(model=str(tiny_llava_dir), log_file=log, served_model_name="tiny",

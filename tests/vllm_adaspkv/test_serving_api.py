@@ -9,7 +9,6 @@ import subprocess
 import pytest
 import requests
 from openai import BadRequestError, OpenAI
-from PIL import Image
 
 from demo.server import ServerConfig, VllmServer
 from offline_search.openai_chat import image_data_url, image_message
@@ -33,15 +32,6 @@ def server(artifact, vllm_env, tmp_path_factory):
                                       "--dtype", "float32", "--max-model-len", "256"))
     with VllmServer(config) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def red_square(tmp_path_factory):
-    path = tmp_path_factory.mktemp("img") / "red.png"
-    image = Image.new("RGB", (64, 48), "white")
-    image.paste((255, 0, 0), (10, 10, 40, 40))
-    image.save(path)
-    return path
 
 
 def test_artifact_served_under_its_own_name_through_the_plugin(server, artifact, red_square):
