@@ -63,7 +63,7 @@ def test_served_image_and_text_chat(server, red_square, tiny_llava_dir):
     assert image_ids.count(processor.tokenizer.convert_tokens_to_ids("<image>")) == (
         TinyLlavaSpec().num_image_tokens)
 
-    assert "adaspkv: --plugin adaspkv accepted" in server.config.log_file.read_text()
+    assert "is not an artifact directory (no adaspkv.json): served as stock" in server.config.log_file.read_text()
 
 
 def test_server_rejects_a_bad_image_and_keeps_serving(server):
