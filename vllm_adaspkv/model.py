@@ -17,7 +17,8 @@ from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm_adaspkv.artifact import PLAN_FILE, ArtifactError, read_masks
 from vllm_adaspkv.attention_backend import backend_for
 from vllm_adaspkv.plugin_flag import ADDITIONAL_CONFIG_KEY
-from vllm_adaspkv.serving_plan import ServedArtifact, ZeroCount, canonical_key, kv_formats, open_artifact, startup_table
+from vllm_adaspkv.serving_plan import (ServedArtifact, ZeroCount, canonical_key, describe_artifact, kv_formats,
+                                       startup_table)
 
 logger = logging.getLogger("vllm.adaspkv")
 
@@ -27,7 +28,7 @@ def served_artifact(vllm_config) -> ServedArtifact:
     if "artifact" not in settings:
         raise ArtifactError(f"{type(vllm_config).__name__}.additional_config[{ADDITIONAL_CONFIG_KEY!r}] names no "
                             "artifact: serve an artifact directory (one with adaspkv.json) with the plugin installed")
-    return open_artifact(settings["artifact"])
+    return describe_artifact(settings["artifact"])  # the front end already ran the full open_artifact
 
 
 def decoder_attention_layers(model: torch.nn.Module) -> dict[int, Attention]:
@@ -40,12 +41,10 @@ def decoder_attention_layers(model: torch.nn.Module) -> dict[int, Attention]:
     return layers
 
 
-def install_kv_formats(model: torch.nn.Module, served: ServedArtifact, kv_cache_dtype: str) -> None:
-    """Swaps each quantized layer's backend and impl for the adaspkv one of its format."""
+def install_kv_formats(model: torch.nn.Module, served: ServedArtifact) -> None:
+    """Swaps each quantized layer's backend and impl for the adaspkv one of its format (routing has
+    refused a global --kv-cache-dtype next to a per-layer plan)."""
     formats = kv_formats(served)
-    if kv_cache_dtype != "auto" and any(formats):
-        raise ValueError(f"adaspkv: --kv-cache-dtype {kv_cache_dtype} cannot be combined with the per-layer KV "
-                         f"bit widths of {served.artifact_dir / PLAN_FILE}; leave it at auto")
     for index, attn in decoder_attention_layers(model).items():
         fmt = formats[index]
         if fmt is None:
@@ -64,18 +63,17 @@ class AdaspkvLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.served = served_artifact(vllm_config)
-        install_kv_formats(self, self.served, vllm_config.cache_config.cache_dtype)
+        install_kv_formats(self, self.served)
         cache = vllm_config.cache_config
-        logger.info("%s", startup_table(self.served, torch.tensor([], dtype=vllm_config.model_config.dtype)
-                                        .element_size(), cache.kv_cache_memory_bytes, cache.block_size))
+        logger.info("%s", startup_table(self.served, vllm_config.model_config.dtype.itemsize,
+                                        cache.kv_cache_memory_bytes, cache.block_size))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Masks the Hugging Face weight stream before vLLM fuses q/k/v and gate/up and slices for
         tensor parallelism, and checks every linear's zeros against the plan."""
         served = self.served
         plan = served.plan
-        pruned = any(any(layer.sparsity.values()) for layer in plan.layers)
-        masks = read_masks(served.artifact_dir, plan) if pruned and not plan.full_checkpoint else {}
+        masks = read_masks(served.artifact_dir, plan) if served.has_masks else {}
         unused = set(masks)
         zeros = ZeroCount(plan)
 

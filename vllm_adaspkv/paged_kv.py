@@ -68,13 +68,13 @@ def write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapp
           fmt: KVFormat) -> None:
     """Quantize key, value [T, H, D] into their slots of cache [B, H, N, C]; slot s is block
     s // N, position s % N. Negative slots (vLLM's padding) are skipped."""
-    n = slot_mapping.shape[0]
-    slots = slot_mapping.long()
+    n = slot_mapping.shape[0]  # key/value may carry padding rows past the scheduled tokens
+    slots, key, value = slot_mapping.long(), key[:n], value[:n]
     keep = slots >= 0
     if not bool(keep.all()):
-        slots, key, value = slots[keep], key[:n][keep], value[:n][keep]
+        slots, key, value = slots[keep], key[keep], value[keep]
     block_size = cache.shape[2]
-    rows = encode(key[: slots.shape[0]], value[: slots.shape[0]], fmt)  # [T, H, C]
+    rows = encode(key, value, fmt)  # [T, H, C]
     cache[slots // block_size, :, slots % block_size] = rows
 
 

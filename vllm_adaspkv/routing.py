@@ -20,8 +20,10 @@ _WRAPPED = "_adaspkv_routes_artifacts"
 
 
 def route_artifact(engine_args) -> None:
-    """Rewrites `engine_args` in place if its model is an artifact directory (idempotent)."""
-    if not isinstance(engine_args.model, str) or not is_artifact(engine_args.model):
+    """Rewrites `engine_args` in place if its model is an artifact directory. Once routed (the CLI
+    routes in from_cli_args, then create_engine_config comes by) it is left alone."""
+    routed = (engine_args.additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {}).get("artifact")
+    if routed or not isinstance(engine_args.model, str) or not is_artifact(engine_args.model):
         return
     served = open_artifact(engine_args.model)  # ArtifactError names the file and field
     formats_wanted = any(layer.kv_bits != 16 for layer in served.plan.layers)

@@ -43,6 +43,11 @@ class ServedArtifact:
     head_dim: int
     num_kv_heads: int
 
+    @property
+    def has_masks(self) -> bool:
+        """Whether the weights must be masked at load (a full checkpoint carries its zeros itself)."""
+        return not self.plan.full_checkpoint and any(any(layer.sparsity.values()) for layer in self.plan.layers)
+
 
 def canonical_key(name: str) -> str:
     """A llava-hf weight name in the artifact's key space (language_model.model.layers...)."""
@@ -62,7 +67,19 @@ def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
 
 
 def open_artifact(art_dir: str | Path) -> ServedArtifact:
-    """Everything about an artifact that can be checked without loading the model."""
+    """Everything about an artifact that can be checked without loading the model (the front end)."""
+    served = describe_artifact(art_dir)
+    if not served.plan.full_checkpoint:
+        check_base_model(served.plan, served.model_dir, str(served.artifact_dir / PLAN_FILE))
+    if served.has_masks:
+        check_mask_shapes(read_masks(served.artifact_dir, served.plan), checkpoint_shapes(served.model_dir),
+                          str(served.artifact_dir / MASK_FILE))
+    return served
+
+
+def describe_artifact(art_dir: str | Path) -> ServedArtifact:
+    """The plan and the model it is served over, with the cheap checks (no hashing, no masks read):
+    what the worker needs after the front end has run `open_artifact`."""
     art_dir = Path(art_dir).resolve()
     plan = read_plan(art_dir)
     source = str(art_dir / PLAN_FILE)
@@ -72,8 +89,6 @@ def open_artifact(art_dir: str | Path) -> ServedArtifact:
         raise ArtifactError(f"{source}: {where} {model_dir} has no config.json (base_model.path = "
                             f"{plan.base_model.path!r}); put the base model there or export with "
                             "--full-checkpoint")
-    if not plan.full_checkpoint:
-        check_base_model(plan, model_dir, source)
     config = json.loads((model_dir / "config.json").read_text())
     architectures = config.get("architectures") or []
     if architectures != [ARCHITECTURE]:
@@ -93,8 +108,6 @@ def open_artifact(art_dir: str | Path) -> ServedArtifact:
         kv_formats(served)
     except ValueError as exc:
         raise ArtifactError(f"{source}: kv_quant/kv_bits cannot be served for head_dim {head_dim}: {exc}") from None
-    if not plan.full_checkpoint and any(any(layer.sparsity.values()) for layer in plan.layers):
-        check_mask_shapes(read_masks(art_dir, plan), checkpoint_shapes(model_dir), str(art_dir / MASK_FILE))
     return served
 
 
