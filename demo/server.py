@@ -6,6 +6,7 @@ way a user does: the `vllm` command of this environment, its own process group, 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -55,6 +56,14 @@ class ServerConfig:
             raise ValueError(f"ServerConfig.startup_timeout_s={self.startup_timeout_s} must be > 0")
 
 
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies, so that even a killed demo (SIGKILL,
+    where no clean-up runs) leaves no server behind. Linux's PR_SET_PDEATHSIG, which fires when the
+    *thread* that started the server ends: start servers from a thread that outlives them (the main one)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class ServerStartError(RuntimeError):
     pass
 
@@ -84,7 +93,8 @@ class VllmServer:
         env = {**os.environ, **self.config.env}
         # A process group of its own: stop() ends the API server and the engine it spawned.
         self.process = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
         )
         log.close()
         try:

@@ -78,8 +78,21 @@ PYEOF
 fi
 touch "$VLLM_STAMP"
 
-# This project, editable, with the test tools.
+# This project, editable, with the test tools (gradio for the demo, playwright for its browser test).
 "${PIP[@]}" install -e ".[test]"
+
+# The browser test (tests/demo/test_browser.py) drives Debian's Chromium through Playwright, whose own
+# browser download cannot work on machines without general internet access. Installed once, as root.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup_venv: installing Debian's chromium for the browser test"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium >/dev/null; } \
+      || echo "setup_venv: warning: apt-get could not install chromium; the browser test will fail" >&2
+  else
+    echo "setup_venv: warning: no chromium on PATH; the browser test needs it (sudo apt-get install -y chromium)" >&2
+  fi
+fi
 
 "$VENV/bin/vllm" --version
 "$PY" -c "import vllm_adaspkv, offline_search, demo"

@@ -1,22 +1,36 @@
 import base64
 import io
+import os
+import signal
+import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from offline_search.openai_chat import image_data_url, image_message
-from demo.cli import ASSETS, DemoConfig, _image_and_question
+from demo.launch import (ASSETS, DemoConfig, SearchFailed, check_port, default_artifact_dir, ensure_artifact,
+                         image_and_question, resolve_artifact, search_command, serve_args, serving,
+                         shapes_examples, stop_signals)
 from demo.server import ServerConfig, ServerStartError, VllmServer, free_port
+from offline_search.model_registry import resolve_model
+from offline_search.openai_chat import image_data_url, image_message
+from vllm_adaspkv.artifact import ArtifactError, BaseModel, LayerPlan, Plan, write_artifact
 from vllm_adaspkv.cli import main
 
-
 PHOTO = ASSETS / "images" / "waterview.jpg"
+SHAPES_LLAVA = resolve_model("shapes-llava")
 
 
-def _config(tmp_path, **overrides):
-    fields = dict(model="shapes-llava", image=PHOTO, question="What is it?", workdir=tmp_path)
+def _once(tmp_path, **overrides):
+    fields = dict(once=True, image=PHOTO, question="What is it?", workdir=tmp_path)
     return DemoConfig(**{**fields, **overrides})
+
+
+def _artifact(path: Path, base: Path) -> Path:
+    plan = Plan(base_model=BaseModel(str(base), "0" * 64), metric="none",
+                layers=tuple(LayerPlan({}, kv_bits=8) for _ in range(4)))
+    return write_artifact(path, plan)
 
 
 def test_bundled_images_and_licence_note_exist():
@@ -24,12 +38,29 @@ def test_bundled_images_and_licence_note_exist():
     assert "Apache-2.0" in (ASSETS / "README.md").read_text()
 
 
-def test_default_question_is_a_shapesvqa_test_sample(tmp_path):
-    image, question, expected = _image_and_question(_config(tmp_path, image=None, question=None, shapes_index=3))
+def test_help_explains_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--model", "--artifact", "--server-url", "--compare-dense", "--dense-server-url", "--port",
+                   "--once", "--search-trials", "--history-turns", "vllm serve ART_DIR --plugin adaspkv"):
+        assert option in out
+
+
+def test_once_default_question_is_a_shapesvqa_test_sample(tmp_path):
+    image, question, expected = image_and_question(_once(tmp_path, image=None, question=None, shapes_index=3))
     assert image.is_file() and image.suffix == ".png"
     assert question.endswith("?") and expected
-    _, own_question, no_expectation = _image_and_question(_config(tmp_path, image=None, question="Why?"))
+    _, own_question, no_expectation = image_and_question(_once(tmp_path, image=None, question="Why?"))
     assert (own_question, no_expectation) == ("Why?", None)
+
+
+def test_examples_are_shapesvqa_samples_then_photos(tmp_path):
+    examples = shapes_examples(tmp_path)
+    assert examples[0].question == "How many shapes are there?"
+    assert examples[0].image.parent == (tmp_path / "examples").resolve()
+    assert all(e.image.is_file() for e in examples) and examples[-1].image.suffix == ".jpg"
 
 
 @pytest.mark.parametrize(
@@ -40,19 +71,107 @@ def test_default_question_is_a_shapesvqa_test_sample(tmp_path):
         ({"shapes_index": -1}, r"--shapes-index -1: must be >= 0"),
         ({"question": "  "}, r"--question is empty"),
         ({"max_tokens": 0}, r"--max-tokens 0: must be >= 1"),
+        ({"search_trials": 0}, r"--search-trials 0: must be >= 1"),
+        ({"history_turns": -2}, r"--history-turns -2: must be >= 0"),
         ({"kv_cache_memory_bytes": 10}, r"--kv-cache-memory-bytes 10: must be >= 1 MiB"),
+        ({"once": False}, r"--image and --question go with --once"),
+        ({"server_url": "localhost:8000"}, r"--server-url 'localhost:8000': give a URL such as http://"),
+        ({"dense_server_url": "http://h:1"}, r"--dense-server-url goes with --compare-dense"),
+        ({"port": 70000}, r"--port 70000: not a TCP port"),
+        ({"artifact": "/nonexistent"}, r"--artifact /nonexistent: not an artifact directory \(no adaspkv.json\)"),
     ],
 )
 def test_demo_config_errors_name_the_option(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
-        _config(tmp_path, **overrides)
+        _once(tmp_path, **overrides)
 
 
 def test_demo_command_reports_bad_input_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"adaspkv demo: --image .*nope.jpg: no such file"):
-        main(["demo", "--image", str(tmp_path / "nope.jpg"), "--question", "Q?", "--workdir", str(tmp_path)])
+        main(["demo", "--once", "--image", str(tmp_path / "nope.jpg"), "--question", "Q?", "--workdir", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"adaspkv demo: model '/nonexistent' is neither a bundled model"):
         main(["demo", "--model", "/nonexistent", "--workdir", str(tmp_path)])
+
+
+def test_a_port_in_use_is_reported_before_anything_starts(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert check_port("127.0.0.1", 0) not in (0, port)
+        with pytest.raises(SystemExit, match=rf"adaspkv demo: --port {port}: cannot listen on 127.0.0.1:{port}"):
+            main(["demo", "--port", str(port), "--model", "/nonexistent", "--workdir", str(tmp_path)])
+
+
+def test_default_artifact_is_searched_once_per_model(tmp_path):
+    out = default_artifact_dir(tmp_path, "shapes-llava")
+    assert out == tmp_path / "artifacts" / "shapes-llava"
+    assert default_artifact_dir(tmp_path, str(tmp_path / "my-llava/")) == tmp_path / "artifacts" / "my-llava"
+    command = search_command("shapes-llava", out, 3)
+    assert command[:3] == [sys.executable, "-m", "vllm_adaspkv.cli"]
+    assert command[3:] == ["search", "--model", "shapes-llava", "--sparsity", "0.5", "--kv-bits-budget", "6",
+                           "--trials", "3", "--out", str(out)]
+
+
+def test_an_existing_artifact_is_reused_and_a_foreign_one_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr("demo.launch.search_command", lambda *a: pytest.fail("searched again"))
+    art = _artifact(tmp_path / "art", SHAPES_LLAVA)
+    assert ensure_artifact("shapes-llava", SHAPES_LLAVA, art, 3) == art
+    with pytest.raises(ArtifactError, match=r"art was made from .*shapes-llava, not /other; delete it or pass"):
+        ensure_artifact("other", Path("/other"), art, 3)
+
+
+def test_a_failed_search_shows_its_log(tmp_path, monkeypatch):
+    failing = [sys.executable, "-c", "import sys; print('calibration exploded'); sys.exit(3)"]
+    monkeypatch.setattr("demo.launch.search_command", lambda *a: failing)
+    message = r"(?s)failed \(exit code 3\); last lines of .*art-search.log:\ncalibration exploded"
+    with pytest.raises(SearchFailed, match=message):
+        ensure_artifact("shapes-llava", SHAPES_LLAVA, tmp_path / "art", 3)
+
+
+def test_artifact_choice(tmp_path):
+    assert resolve_artifact(DemoConfig(artifact="none", workdir=tmp_path), SHAPES_LLAVA) is None
+    # somebody else's server: no search for a profile nobody asked for
+    assert resolve_artifact(DemoConfig(server_url="http://h:1", workdir=tmp_path), SHAPES_LLAVA) is None
+    art = _artifact(tmp_path / "art", SHAPES_LLAVA)
+    assert resolve_artifact(DemoConfig(artifact=str(art), workdir=tmp_path), SHAPES_LLAVA) == art
+
+
+def test_serve_args(tmp_path):
+    config = DemoConfig(workdir=tmp_path, kv_cache_memory_bytes=64 << 20)
+    assert serve_args(config, SHAPES_LLAVA, plugin=True) == (
+        "--plugin", "adaspkv", "--dtype", "float32", "--kv-cache-memory-bytes", str(64 << 20))
+    assert serve_args(config, tmp_path, plugin=False)[:2] == ("--dtype", "auto")
+    assert serve_args(DemoConfig(workdir=tmp_path, dtype="bfloat16"), SHAPES_LLAVA, False)[1] == "bfloat16"
+
+
+def test_running_servers_are_used_as_they_are(tmp_path, monkeypatch):
+    monkeypatch.setattr("demo.launch.start_server", lambda *a: pytest.fail("started a server"))
+    art = _artifact(tmp_path / "art", SHAPES_LLAVA)
+    config = DemoConfig(server_url="http://h:1/", compare_dense=True, dense_server_url="http://h:2",
+                        artifact=str(art), workdir=tmp_path)
+    with serving(config, SHAPES_LLAVA, art) as (main_endpoint, dense):
+        assert (main_endpoint.url, main_endpoint.model, main_endpoint.label) == ("http://h:1", None, "compressed")
+        assert (dense.url, dense.label) == ("http://h:2", "dense")
+
+
+def test_sigterm_and_ctrl_c_end_the_demo_through_its_clean_up():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    cleaned = []
+    with pytest.raises(SystemExit) as exit_info, stop_signals(), ExitStack() as stack:
+        stack.callback(cleaned.append, "servers stopped")
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert exit_info.value.code == 128 + signal.SIGTERM and cleaned == ["servers stopped"]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a shell's background job
+    with pytest.raises(KeyboardInterrupt), stop_signals(), ExitStack() as stack:
+        stack.callback(cleaned.append, "servers stopped again")
+        os.kill(os.getpid(), signal.SIGINT)
+    assert cleaned == ["servers stopped", "servers stopped again"]
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    signal.signal(signal.SIGINT, before[signal.SIGINT])
+    assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
 
 
 def test_image_data_url_round_trips(tmp_path):

@@ -1,0 +1,286 @@
+"""What `adaspkv demo` does, without its argument parsing: find or make the artifact, start the vLLM
+server(s), then run the Gradio app (or ask one question in the terminal) until Ctrl-C.
+
+Servers are `vllm serve ART_DIR --plugin adaspkv` (the compressed model), `vllm serve MODEL_DIR` (the
+dense one, for side-by-side answers) or `vllm serve MODEL_DIR --plugin adaspkv` when no artifact is
+used. They run in process groups of their own and are stopped on every way out: a normal end,
+Ctrl-C, SIGTERM, or an error.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from demo.chat import Endpoint
+from offline_search.model_registry import BUNDLED_MODELS, resolve_model
+
+ASSETS = Path(__file__).parent / "assets"
+SERVED_NAME = "adaspkv-demo"
+DENSE_NAME = "adaspkv-dense"
+SHAPES_EXAMPLES = (2, 1, 7, 3, 4)  # ShapesVQA test samples offered as examples
+PHOTO_QUESTION = "Describe the image."
+
+
+class SearchFailed(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    model: str = "shapes-llava"  # bundled model name or checkpoint directory
+    artifact: str = "auto"  # artifact directory, "auto" (the model's default one) or "none"
+    server_url: str | None = None  # an already running server: nothing is started for it
+    dense_server_url: str | None = None
+    compare_dense: bool = False  # side-by-side answers of the dense model
+    host: str = "127.0.0.1"
+    port: int = 7860  # Gradio's; 0 picks a free one
+    workdir: Path = Path("runs/demo")
+    max_tokens: int = 32
+    history_turns: int = 0
+    dtype: str | None = None  # None: float32 for the bundled shapes-llava, vLLM's "auto" otherwise
+    kv_cache_memory_bytes: int = 256 << 20
+    search_trials: int = 3
+    startup_timeout_s: float = 900.0
+    once: bool = False  # ask one question in the terminal instead of starting the app
+    image: Path | None = None  # --once: None asks a ShapesVQA test sample
+    question: str | None = None
+    shapes_index: int = 2
+
+    def __post_init__(self):
+        for name in ("server_url", "dense_server_url"):
+            url = getattr(self, name)
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ValueError(f"--{name.replace('_', '-')} {url!r}: give a URL such as http://127.0.0.1:8000")
+        if self.artifact not in ("auto", "none") and not (Path(self.artifact) / "adaspkv.json").is_file():
+            raise ValueError(f"--artifact {self.artifact}: not an artifact directory (no adaspkv.json); "
+                             "make one with `adaspkv search`, or pass auto or none")
+        if self.dense_server_url is not None and not self.compare_dense:
+            raise ValueError("--dense-server-url goes with --compare-dense")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"--port {self.port}: not a TCP port (0..65535)")
+        if (self.image is not None or self.question is not None) and not self.once:
+            raise ValueError("--image and --question go with --once; in the app, upload the image in the browser")
+        if self.image is not None and not self.image.is_file():
+            raise ValueError(f"--image {self.image}: no such file")
+        if self.image is not None and self.question is None:
+            raise ValueError(f"--image {self.image} needs a --question")
+        if self.question is not None and not self.question.strip():
+            raise ValueError("--question is empty")
+        for name, low in (("shapes_index", 0), ("max_tokens", 1), ("history_turns", 0), ("search_trials", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= {low}")
+        if self.kv_cache_memory_bytes < 1 << 20:
+            raise ValueError(f"--kv-cache-memory-bytes {self.kv_cache_memory_bytes}: must be >= 1 MiB")
+
+
+def default_artifact_dir(workdir: Path, model: str) -> Path:
+    """Where `--artifact auto` keeps the artifact it searched for `model`."""
+    name = model if model in BUNDLED_MODELS else Path(model).resolve().name
+    return workdir / "artifacts" / name
+
+
+def search_command(model: str, out: Path, trials: int) -> list[str]:
+    """A short joint search: 50% weight sparsity, KV bits at most 6 on average."""
+    return [sys.executable, "-m", "vllm_adaspkv.cli", "search", "--model", model, "--sparsity", "0.5",
+            "--kv-bits-budget", "6", "--trials", str(trials), "--out", str(out)]
+
+
+def ensure_artifact(model: str, model_dir: Path, out: Path, trials: int) -> Path:
+    """The artifact in `out`, searched on first use (about a minute for shapes-llava on 2 CPU cores)."""
+    from vllm_adaspkv.artifact import ArtifactError, read_plan
+
+    if (out / "adaspkv.json").is_file():
+        plan = read_plan(out)
+        if Path(plan.base_model.path).resolve() != model_dir.resolve():
+            raise ArtifactError(f"{out} was made from {plan.base_model.path}, not {model_dir}; delete it or "
+                                "pass --artifact")
+        return out
+    print(f"No artifact for {model} yet: searching one in {trials} trials into {out} (first run only) ...",
+          flush=True)
+    log = out.parent / f"{out.name}-search.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        done = subprocess.run(search_command(model, out, trials), stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0 or not (out / "adaspkv.json").is_file():
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        raise SearchFailed(f"`adaspkv search` failed (exit code {done.returncode}); last lines of {log}:\n{tail}")
+    print(f"artifact written to {out} (search log: {log})", flush=True)
+    return out
+
+
+def resolve_artifact(config: DemoConfig, model_dir: Path) -> Path | None:
+    if config.artifact == "none":
+        return None
+    if config.artifact == "auto":
+        if config.server_url is not None:  # somebody else's server: its profile is unknown
+            return None
+        return ensure_artifact(config.model, model_dir, default_artifact_dir(config.workdir, config.model),
+                               config.search_trials)
+    return Path(config.artifact)
+
+
+def base_model_dir(model_dir: Path, artifact: Path | None) -> Path:
+    """The dense model: the artifact's base model, or the model itself."""
+    if artifact is None:
+        return model_dir
+    from vllm_adaspkv.artifact import read_plan
+
+    return Path(read_plan(artifact).base_model.path)
+
+
+def serve_args(config: DemoConfig, base: Path, plugin: bool) -> tuple[str, ...]:
+    dtype = config.dtype or ("float32" if base.resolve() == BUNDLED_MODELS["shapes-llava"].resolve() else "auto")
+    args = ("--dtype", dtype, "--kv-cache-memory-bytes", str(config.kv_cache_memory_bytes))
+    return (("--plugin", "adaspkv") if plugin else ()) + args
+
+
+def start_server(stack: ExitStack, config: DemoConfig, target: Path, name: str, args: tuple[str, ...],
+                 label: str) -> Endpoint:
+    """`vllm serve target ARGS` until `stack` closes; returns its endpoint once /health answers."""
+    from demo.server import ServerConfig, VllmServer
+
+    server_config = ServerConfig(model=str(target), log_file=config.workdir / f"vllm-serve-{name}.log",
+                                 served_model_name=name, extra_args=args,
+                                 startup_timeout_s=config.startup_timeout_s)
+    server = VllmServer(server_config)
+    print(f"Starting `vllm serve {target} {' '.join(args)}` (log: {server_config.log_file}) ...", flush=True)
+    stack.enter_context(server)
+    print(f"vLLM server ready at {server.base_url}", flush=True)
+    return Endpoint(server.base_url, name, label=label)
+
+
+@contextmanager
+def serving(config: DemoConfig, model_dir: Path, artifact: Path | None) -> Iterator[tuple[Endpoint, Endpoint | None]]:
+    """(endpoint to chat with, dense endpoint or None), with the servers this demo started running."""
+    label = "compressed" if artifact is not None else "served"
+    base = base_model_dir(model_dir, artifact)
+    with ExitStack() as stack:
+        if config.server_url is not None:
+            main = Endpoint(config.server_url, None, label=label)
+        else:
+            main = start_server(stack, config, artifact or model_dir, SERVED_NAME, serve_args(config, base, True),
+                                label)
+        dense = None
+        if config.compare_dense:
+            if config.dense_server_url is not None:
+                dense = Endpoint(config.dense_server_url, None, label="dense")
+            else:
+                dense = start_server(stack, config, base, DENSE_NAME, serve_args(config, base, False), "dense")
+        yield main, dense
+
+
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM end the demo by an exception, so that the servers are stopped on the
+    way out. SIGINT is set explicitly: a shell starts background jobs with it ignored."""
+    def on_sigterm(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig, handler in
+                ((signal.SIGTERM, on_sigterm), (signal.SIGINT, signal.default_int_handler))}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def shapes_examples(workdir: Path) -> list:
+    """ShapesVQA test samples saved as PNG, then the bundled photos."""
+    from demo.app import Example
+    from offline_search import shapes_vqa
+
+    folder = workdir / "examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    examples = []
+    for index in SHAPES_EXAMPLES:
+        sample = shapes_vqa.sample("test", index)
+        path = folder / f"shapesvqa-test-{index}.png"
+        if not path.is_file():
+            sample.image.save(path)
+        examples.append(Example(path.resolve(), sample.question))
+    photos = sorted((ASSETS / "images").glob("*.jpg"))
+    return examples + [Example(p.resolve(), PHOTO_QUESTION) for p in photos]
+
+
+def check_port(host: str, port: int) -> int:
+    """`port`, or a free one for 0; a port in use is reported before any server is started."""
+    import socket
+
+    from demo.server import free_port
+
+    if port == 0:
+        return free_port(host)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as the web server will: a port left in TIME_WAIT by the last demo is free, a listening one is not
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ValueError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); pick another "
+                             "port, or --port 0 for a free one") from None
+    return port
+
+
+def run_app(config: DemoConfig) -> int:
+    from demo.app import AppConfig, launch
+
+    port = check_port(config.host, config.port)
+    model_dir = resolve_model(config.model)
+    artifact = resolve_artifact(config, model_dir)
+    examples = tuple(shapes_examples(config.workdir))
+    with serving(config, model_dir, artifact) as (main, dense):
+        app_config = AppConfig(compressed=main, dense=dense, artifact=artifact, max_tokens=config.max_tokens,
+                               history_turns=config.history_turns, examples=examples)
+        app, url = launch(app_config, config.host, port,
+                          allowed_paths=(config.workdir.resolve(), ASSETS))
+        print(f"\nadaspkv demo: open {url} in a browser (Ctrl-C stops the demo and its servers)", flush=True)
+        try:
+            while True:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            print("\nadaspkv demo: stopping ...", flush=True)
+        finally:
+            app.close()
+    return 0
+
+
+def image_and_question(config: DemoConfig) -> tuple[Path, str, str | None]:
+    """--once: the user's image and question, or a ShapesVQA test sample saved as PNG with its answer."""
+    from offline_search import shapes_vqa
+
+    if config.image is not None:
+        return config.image, config.question, None
+    sample = shapes_vqa.sample("test", config.shapes_index)
+    path = config.workdir / f"shapesvqa-test-{config.shapes_index}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sample.image.save(path)
+    return path, config.question or sample.question, None if config.question else sample.answer
+
+
+def run_once(config: DemoConfig) -> int:
+    """Starts the server(s), asks one question, prints the answer(s) and stops."""
+    from demo.chat import AnswerStats, build_messages, checked_image_url, stream_answer
+    from offline_search.shapes_vqa import is_correct
+
+    model_dir = resolve_model(config.model)
+    artifact = resolve_artifact(config, model_dir)
+    image, question, expected = image_and_question(config)
+    messages = build_messages(checked_image_url(image), question)
+    with serving(config, model_dir, artifact) as (main, dense):
+        print(f"Q: {question}  (image {image})")
+        for endpoint in (main, dense) if dense else (main,):
+            answer, stats = "", None
+            for item in stream_answer(endpoint, messages, config.max_tokens):
+                stats, answer = (item, answer) if isinstance(item, AnswerStats) else (stats, item)
+            print(f"A ({endpoint.label}): {answer.strip()}\n   {stats.describe()}")
+            if expected is not None:
+                print(f"   expected: {expected} ({'correct' if is_correct(answer, expected) else 'wrong'})")
+    return 0
