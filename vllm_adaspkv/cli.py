@@ -34,7 +34,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "demo": (
         "demo.cli",
-        "serve a LLaVA with the adaspkv plugin and ask it about an image",
+        "image chat in the browser with a compressed LLaVA served by vllm serve --plugin adaspkv",
     ),
 }
 
