@@ -1,0 +1,183 @@
+"""`vllm bench throughput` on CPU, capacity-bound: stock vLLM's KV caches against the plugin's plans.
+
+Every configuration runs vLLM's own benchmark (`vllm bench throughput`, random multimodal prompts: one
+image and a random text per request, a fixed number of output tokens each, greedy, EOS ignored) in a
+fresh process with the same small `--kv-cache-memory-bytes`, so that the cache, not the compute,
+limits how many requests vLLM's scheduler runs at once. A cache that holds more tokens runs larger
+batches; on a 2-core CPU a decode step of a small model costs about the same for 4 or 40 requests,
+so requests/s follows. The rows, side by side in one run:
+
+    stock bf16      vLLM's KV cache in the model dtype
+    stock fp8       vLLM's own quantized KV cache (--kv-cache-dtype fp8)
+    plugin N-bit    `vllm bench throughput --model ART_DIR --plugin adaspkv` with every layer at N bits
+
+Artifacts are made with `adaspkv prune` (magnitude, 50 % sparsity; masked weights cost vLLM the same
+time as dense ones, so only the KV plan matters here). Reproduce:
+
+    .venv/bin/python benchmarks/cpu_throughput.py --out results/cpu-throughput
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VLLM = Path(sys.executable).parent / "vllm"
+ADASPKV = Path(sys.executable).parent / "adaspkv"
+CAPACITY_LINE = re.compile(r"KV cache size: ([\d,]+) tokens")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "shapes-llava"
+    out: Path = REPO / "results" / "cpu-throughput"
+    workdir: Path = REPO / "runs" / "cpu-throughput"
+    plugin_bits: tuple[int, ...] = (8, 6, 4)
+    kv_group: int = 64
+    kv_cache_memory_bytes: int = 4 << 20
+    dtype: str = "bfloat16"
+    num_prompts: int = 128
+    input_len: int = 48  # random text tokens; the 64x64 image adds 16 image tokens
+    output_len: int = 128
+    max_model_len: int = 256
+    fp8_baseline: bool = True
+
+    def __post_init__(self):
+        allowed = (16, 8, 6, 4, 2)
+        if not self.plugin_bits or any(b not in allowed for b in self.plugin_bits):
+            raise ValueError(f"--plugin-bits {self.plugin_bits}: each one of {allowed}")
+        for name in ("num_prompts", "input_len", "output_len", "kv_group"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if self.kv_cache_memory_bytes < 1 << 20:
+            raise ValueError(f"--kv-cache-memory-bytes {self.kv_cache_memory_bytes}: must be >= 1 MiB")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    model: str  # what --model got
+    extra: tuple[str, ...] = ()
+
+
+def model_dir(config: BenchConfig) -> str:
+    from offline_search.model_registry import resolve_model
+
+    return str(resolve_model(config.model))
+
+
+def make_artifact(config: BenchConfig, bits: int) -> Path:
+    """A uniform `bits` artifact (reused when it exists)."""
+    out = config.workdir / f"artifact-{bits}bit-g{config.kv_group}"
+    if not (out / "adaspkv.json").is_file():
+        command = [str(ADASPKV), "prune", "--model", config.model, "--sparsity", "0.5", "--metric", "magnitude",
+                   "--kv-bits", str(bits), "--kv-group", str(config.kv_group), "--out", str(out)]
+        print("$", shlex.join(command), flush=True)
+        subprocess.run(command, check=True)
+    return out
+
+
+def rows(config: BenchConfig) -> list[Row]:
+    base = model_dir(config)
+    out = [Row("stock", base)]
+    if config.fp8_baseline:
+        out.append(Row("stock fp8", base, ("--kv-cache-dtype", "fp8")))
+    for bits in config.plugin_bits:
+        out.append(Row(f"plugin {bits}-bit", str(make_artifact(config, bits)), ("--plugin", "adaspkv")))
+    return out
+
+
+def bench_command(config: BenchConfig, row: Row, output_json: Path) -> list[str]:
+    return [str(VLLM), "bench", "throughput", "--model", row.model, *row.extra,
+            "--dataset-name", "random-mm", "--num-prompts", str(config.num_prompts),
+            "--random-input-len", str(config.input_len), "--random-output-len", str(config.output_len),
+            "--random-range-ratio", "0", "--random-mm-base-items-per-request", "1",
+            "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
+            "--random-mm-bucket-config", "{(64, 64, 1): 1.0}",
+            "--kv-cache-memory-bytes", str(config.kv_cache_memory_bytes), "--dtype", config.dtype,
+            "--max-model-len", str(config.max_model_len), "--seed", "0", "--output-json", str(output_json)]
+
+
+def run_row(config: BenchConfig, row: Row) -> dict:
+    slug = row.name.replace(" ", "-")
+    output_json = config.workdir / f"{slug}.json"
+    log = config.workdir / f"{slug}.log"
+    command = bench_command(config, row, output_json)
+    print("$", shlex.join(command), flush=True)
+    start = time.monotonic()
+    with open(log, "w") as f:
+        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    text = log.read_text(errors="replace")
+    if done.returncode != 0:
+        tail = "\n".join(text.splitlines()[-20:])
+        raise SystemExit(f"{row.name}: `vllm bench throughput` failed (exit {done.returncode}), log {log}:\n{tail}")
+    capacity = CAPACITY_LINE.findall(text)
+    if not capacity:
+        raise SystemExit(f"{row.name}: no 'KV cache size: N tokens' line in {log}")
+    result = json.loads(output_json.read_text())
+    return {"name": row.name, "command": command, "kv_cache_tokens": int(capacity[-1].replace(",", "")),
+            "requests_per_second": result["requests_per_second"],
+            "output_tokens_per_second": config.num_prompts * config.output_len / result["elapsed_time"],
+            "elapsed_s": result["elapsed_time"], "wall_s": time.monotonic() - start}
+
+
+def table(results: list[dict]) -> str:
+    stock = results[0]
+    lines = ["| configuration | KV cache tokens | requests/s | output tokens/s | requests/s vs stock |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        lines.append(f"| {r['name']} | {r['kv_cache_tokens']:,} | {r['requests_per_second']:.3f} | "
+                     f"{r['output_tokens_per_second']:.1f} | "
+                     f"{r['requests_per_second'] / stock['requests_per_second']:.2f}x |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> BenchConfig:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=d.model, help="bundled model name or LLaVA directory (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=d.out, help="results folder (default: %(default)s)")
+    p.add_argument("--workdir", type=Path, default=d.workdir, help="artifacts and logs (default: %(default)s)")
+    p.add_argument("--plugin-bits", default=",".join(map(str, d.plugin_bits)),
+                   help="uniform plugin plans to run, comma-separated (default: %(default)s)")
+    p.add_argument("--kv-group", type=int, default=d.kv_group, help="KV quantization group (default: %(default)s)")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=d.kv_cache_memory_bytes,
+                   help="the same KV budget for every row (default: %(default)s)")
+    p.add_argument("--dtype", default=d.dtype, help="model dtype (default: %(default)s)")
+    p.add_argument("--num-prompts", type=int, default=d.num_prompts, help="(default: %(default)s)")
+    p.add_argument("--input-len", type=int, default=d.input_len, help="random text tokens (default: %(default)s)")
+    p.add_argument("--output-len", type=int, default=d.output_len, help="(default: %(default)s)")
+    p.add_argument("--no-fp8", action="store_true", help="leave out stock vLLM's fp8 KV cache")
+    a = p.parse_args(argv)
+    try:
+        bits = tuple(int(b) for b in a.plugin_bits.split(","))
+    except ValueError:
+        p.error(f"--plugin-bits {a.plugin_bits!r}: comma-separated integers such as 8,6,4")
+    return BenchConfig(model=a.model, out=a.out, workdir=a.workdir, plugin_bits=bits, kv_group=a.kv_group,
+                       kv_cache_memory_bytes=a.kv_cache_memory_bytes, dtype=a.dtype, num_prompts=a.num_prompts,
+                       input_len=a.input_len, output_len=a.output_len, fp8_baseline=not a.no_fp8)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    config.workdir.mkdir(parents=True, exist_ok=True)
+    results = [run_row(config, row) for row in rows(config)]
+    print("\n" + table(results))
+    config.out.mkdir(parents=True, exist_ok=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items()}
+    (config.out / "results.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
+    (config.out / "table.md").write_text(table(results) + "\n")
+    print(f"\nwritten: {config.out / 'results.json'}, {config.out / 'table.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
