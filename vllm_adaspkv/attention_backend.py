@@ -4,14 +4,16 @@ One backend class per `KVFormat` (made by `backend_for`), because vLLM asks the 
 for the layer's cache spec (`customize_spec`): it turns the layer's `FullAttentionSpec` into uint8
 pages of `token_head_bytes` per token and KV head. vLLM then puts all decoder layers in one
 `UniformTypeKVCacheSpecs` group whose page is the sum of the layers' pages, so a layer at 4 bits
-really takes a quarter of a 16-bit layer's memory. The math is `paged_kv` (PyTorch, batched); the
-Triton kernels for CUDA are a separate module.
+really takes a quarter of a 16-bit layer's memory. The math is `paged_kv` (PyTorch, batched) on
+CPU and the Triton kernels of `vllm_adaspkv.kernels` (same signatures, same bytes) on CUDA.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, replace
+from types import ModuleType
 
 import torch
 
@@ -25,6 +27,8 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from vllm_adaspkv import paged_kv
 from vllm_adaspkv.paged_kv import KVFormat
+
+logger = logging.getLogger("vllm.adaspkv")
 
 # Page layouts this backend reads: [blocks, heads, tokens, bytes] or [blocks, tokens, heads, bytes].
 HEADS_FIRST = KVCacheLayout.LBHNC
@@ -41,6 +45,21 @@ class AdaspkvAttentionMetadata:
     block_table: torch.Tensor  # [R, max blocks]
     slot_mapping: torch.Tensor  # [T]
     heads_first: bool  # the page layout vLLM resolved for this run
+
+
+@functools.cache
+def kv_ops(cuda: bool) -> ModuleType:
+    """The module whose write/attend serve the cache: the Triton kernels for CUDA tensors,
+    paged_kv on CPU (Triton's interpreter is far too slow to serve). Decided per call from the
+    tensors' device (a cheap attribute read; the impl is built before it knows its device) and
+    logged once per choice."""
+    if cuda:
+        from vllm_adaspkv import kernels
+
+        logger.info("adaspkv: quantized KV cache on CUDA: Triton kernels (vllm_adaspkv.kernels)")
+        return kernels
+    logger.info("adaspkv: quantized KV cache on CPU: PyTorch path (vllm_adaspkv.paged_kv)")
+    return paged_kv
 
 
 class AdaspkvMetadataBuilder(AttentionMetadataBuilder[AdaspkvAttentionMetadata]):
@@ -97,7 +116,7 @@ class AdaspkvAttentionImpl(AttentionImpl[AdaspkvAttentionMetadata]):
         if isinstance(metadata, dict):
             metadata = metadata.get(layer.layer_name)
         heads_first = metadata.heads_first if metadata is not None else True
-        paged_kv.write(self._pages(kv_cache, heads_first), key, value, slot_mapping, self.kv_format)
+        kv_ops(key.is_cuda).write(self._pages(kv_cache, heads_first), key, value, slot_mapping, self.kv_format)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: AdaspkvAttentionMetadata | None, output: torch.Tensor,
@@ -109,7 +128,7 @@ class AdaspkvAttentionImpl(AttentionImpl[AdaspkvAttentionMetadata]):
             return output
         m = attn_metadata
         n = m.num_actual_tokens
-        output[:n] = paged_kv.attend(
+        output[:n] = kv_ops(query.is_cuda).attend(
             query[:n], self._pages(kv_cache, m.heads_first), m.block_table, m.seq_lens,
             m.query_start_loc, m.max_query_len, m.max_seq_len, self.scale, self.kv_format)
         return output
