@@ -9,7 +9,8 @@ so requests/s follows. The rows, side by side in one run:
 
     stock bf16      vLLM's KV cache in the model dtype
     stock fp8       vLLM's own quantized KV cache (--kv-cache-dtype fp8)
-    plugin N-bit    `vllm bench throughput --model ART_DIR --plugin adaspkv` with every layer at N bits
+    plugin N-bit    `vllm bench throughput --model ART_DIR --plugin adaspkv --tokenizer BASE_DIR`,
+                    every layer at N bits
 
 Artifacts are made with `adaspkv prune` (magnitude, 50 % sparsity; masked weights cost vLLM the same
 time as dense ones, so only the KV plan matters here). Reproduce:
@@ -91,7 +92,9 @@ def rows(config: BenchConfig) -> list[Row]:
     if config.fp8_baseline:
         out.append(Row("stock fp8", base, ("--kv-cache-dtype", "fp8")))
     for bits in config.plugin_bits:
-        out.append(Row(f"plugin {bits}-bit", str(make_artifact(config, bits)), ("--plugin", "adaspkv")))
+        # --tokenizer: `vllm bench` loads one from --model itself, and an artifact holds none
+        out.append(Row(f"plugin {bits}-bit", str(make_artifact(config, bits)),
+                       ("--plugin", "adaspkv", "--tokenizer", base)))
     return out
 
 

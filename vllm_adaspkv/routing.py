@@ -36,6 +36,10 @@ def route_artifact(engine_args) -> None:
         raise ValueError("--hf-overrides as a function cannot be combined with an adaspkv artifact; pass a dict")
     if not engine_args.served_model_name:
         engine_args.served_model_name = engine_args.model  # clients keep asking for ART_DIR
+    if engine_args.tokenizer in (None, engine_args.model):
+        # an artifact holds no tokenizer: the base model's is the artifact's (`vllm bench` and
+        # `LLM(tokenizer=...)` copy the model path into --tokenizer before routing)
+        engine_args.tokenizer = str(served.model_dir)
     engine_args.model = str(served.model_dir)
     engine_args.hf_overrides = {**(overrides or {}), "architectures": [PLUGIN_ARCHITECTURE]}
     config = dict(engine_args.additional_config or {})

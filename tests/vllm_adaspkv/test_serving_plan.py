@@ -159,3 +159,19 @@ def test_plan_round_trip_is_unchanged_by_opening(artifact):
     open_artifact(artifact)
     assert (artifact / PLAN_FILE).read_text() == before
     assert isinstance(read_plan(artifact), Plan)
+
+
+@pytest.mark.parametrize("tokenizer", [None, "artifact", "other"])
+def test_routing_serves_the_base_model_and_its_tokenizer(artifact, tiny_llava_dir, tmp_path, tokenizer):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_adaspkv.routing import route_artifact
+
+    given = {"artifact": str(artifact), "other": str(tmp_path / "tok")}.get(tokenizer)
+    args = EngineArgs(model=str(artifact), tokenizer=given)
+    route_artifact(args)
+    assert args.model == str(tiny_llava_dir.resolve())
+    assert args.served_model_name == str(artifact)
+    assert args.hf_overrides["architectures"] == ["AdaspkvLlavaForConditionalGeneration"]
+    # --tokenizer ART_DIR (what `vllm bench` sets by default) means the base model's tokenizer
+    assert args.tokenizer == (given if tokenizer == "other" else str(tiny_llava_dir.resolve()))
