@@ -72,7 +72,7 @@ def dequantize(packed: torch.Tensor, bits: int, head_dim: int, group: int,
     scales = packed[..., code_bytes:].contiguous().view(torch.float16).float()
     scales = scales.reshape(*lead, head_dim // group, 2)  # [..., groups, (scale, zero)]
     g = q.reshape(*lead, head_dim // group, group)
-    return (g * scales[..., :1] + scales[..., 1:]).reshape(*lead, head_dim).to(dtype)
+    return g.mul_(scales[..., :1]).add_(scales[..., 1:]).reshape(*lead, head_dim).to(dtype)  # in place: q is ours
 
 
 def fake_quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -117,14 +117,14 @@ def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _unpack(codes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """[..., n * bits / 8] -> uint8 codes [..., n]."""
+    """[..., n * bits / 8] -> uint8 codes [..., n]. uint8 arithmetic throughout: a quarter of the
+    memory traffic of int32, which is what decoding a whole paged context costs on CPU."""
     if bits == 8:
         return codes
-    c = codes.to(torch.int32)
     if bits in (4, 2):
-        shifts = torch.arange(8 // bits, dtype=torch.int32, device=codes.device) * bits
-        return ((c[..., None] >> shifts) & (2**bits - 1)).reshape(*codes.shape[:-1], n).to(torch.uint8)
-    b = c.reshape(*codes.shape[:-1], -1, 3)  # [..., n / 4, 3]
-    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)  # [..., n / 4]
-    shifts = torch.arange(0, 24, 6, dtype=torch.int32, device=codes.device)
-    return ((word[..., None] >> shifts) & 63).reshape(*codes.shape[:-1], n).to(torch.uint8)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+        return ((codes[..., None] >> shifts) & (2**bits - 1)).reshape(*codes.shape[:-1], n)
+    b = codes.reshape(*codes.shape[:-1], -1, 3)  # 6 bits: [..., n / 4, 3] bytes -> 4 codes each
+    b0, b1, b2 = b[..., 0], b[..., 1], b[..., 2]
+    out = torch.stack([b0 & 63, (b0 >> 6) | ((b1 & 15) << 2), (b1 >> 4) | ((b2 & 3) << 4), b2 >> 2], -1)
+    return out.reshape(*codes.shape[:-1], n)

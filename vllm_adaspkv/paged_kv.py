@@ -94,17 +94,17 @@ def attend(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     device = query.device
     block_size = cache.shape[2]
     num_blocks = -(-max_seq_len // block_size)
-    pages = cache[block_table[:num_reqs, :num_blocks].long()]  # [R, nb, Hkv, N, C]
+    table = block_table[:num_reqs, :num_blocks].long()  # [R, nb]
+    pages = cache.index_select(0, table.flatten()).unflatten(0, table.shape)  # [R, nb, Hkv, N, C]
     pages = pages.permute(0, 2, 1, 3, 4).flatten(2, 3)  # [R, Hkv, S, C], S = nb * N
-    key, value = decode(pages, fmt, torch.float32)  # [R, Hkv, S, D] each
-
     seq_lens = seq_lens.long()
     q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()  # [R]
-    key_pos = torch.arange(key.shape[2], device=device)  # [S]
+    key_pos = torch.arange(pages.shape[2], device=device)  # [S]
     in_context = key_pos[None, :] < seq_lens[:, None]  # [R, S]
-    # Rows past a request's length are unwritten blocks: zero them so no NaN reaches the output.
-    key = key.masked_fill(~in_context[:, None, :, None], 0.0)
-    value = value.masked_fill(~in_context[:, None, :, None], 0.0)
+    # Rows past a request's length are unwritten blocks: zero their bytes (all-zero rows decode to
+    # 0 in every format) so no NaN reaches the output; cheaper on the packed bytes than on floats.
+    _word_view(pages).masked_fill_(~in_context[:, None, :, None], 0)
+    key, value = decode(pages, fmt, torch.float32)  # [R, Hkv, S, D] each
 
     # Scatter the packed query rows into a [R, Lq, Hq, D] batch.
     token = torch.arange(num_tokens, device=device)
@@ -124,3 +124,11 @@ def attend(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask[:, None], scale=scale,
                                          enable_gqa=num_heads != key.shape[1])  # [R, Hq, Lq, D]
     return out.transpose(1, 2)[req, step].to(query.dtype)  # [T, Hq, D]
+
+
+def _word_view(rows: torch.Tensor) -> torch.Tensor:
+    """uint8 rows [..., C] as the widest integers that tile C: masking 8-byte words is ~8x less work."""
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if rows.shape[-1] % size == 0:
+            return rows.view(dtype)
+    return rows
