@@ -121,9 +121,10 @@ def _unpack(codes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     memory traffic of int32, which is what decoding a whole paged context costs on CPU."""
     if bits == 8:
         return codes
-    if bits in (4, 2):
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-        return ((codes[..., None] >> shifts) & (2**bits - 1)).reshape(*codes.shape[:-1], n)
+    if bits in (4, 2):  # one op per code position (a broadcast shift is ~3x slower on CPU)
+        mask = 2**bits - 1
+        parts = [(codes >> shift) & mask for shift in range(0, 8, bits)]
+        return torch.stack(parts, -1).reshape(*codes.shape[:-1], n)
     b = codes.reshape(*codes.shape[:-1], -1, 3)  # 6 bits: [..., n / 4, 3] bytes -> 4 codes each
     b0, b1, b2 = b[..., 0], b[..., 1], b[..., 2]
     out = torch.stack([b0 & 63, (b0 >> 6) | ((b1 & 15) << 2), (b1 >> 4) | ((b2 & 3) << 4), b2 >> 2], -1)

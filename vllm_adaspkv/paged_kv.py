@@ -58,10 +58,10 @@ def encode(key: torch.Tensor, value: torch.Tensor, fmt: KVFormat) -> torch.Tenso
 
 
 def decode(rows: torch.Tensor, fmt: KVFormat, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 rows [..., fmt.token_head_bytes] -> key, value [..., D] (keys in the stored basis)."""
-    b = fmt.row_bytes
-    return (kv_quant.dequantize(rows[..., :b], fmt.bits, fmt.head_dim, fmt.group, dtype),
-            kv_quant.dequantize(rows[..., b:], fmt.bits, fmt.head_dim, fmt.group, dtype))
+    """uint8 rows [..., fmt.token_head_bytes] -> key, value [..., D] (keys in the stored basis).
+    K and V rows are decoded in one pass (half the tensor ops: they dominate on CPU)."""
+    kv = kv_quant.dequantize(rows.unflatten(-1, (2, fmt.row_bytes)), fmt.bits, fmt.head_dim, fmt.group, dtype)
+    return kv[..., 0, :], kv[..., 1, :]  # [..., D] each
 
 
 def write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
@@ -92,19 +92,12 @@ def attend(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     num_tokens, num_heads, head_dim = query.shape
     num_reqs = seq_lens.shape[0]
     device = query.device
-    block_size = cache.shape[2]
-    num_blocks = -(-max_seq_len // block_size)
-    table = block_table[:num_reqs, :num_blocks].long()  # [R, nb]
-    pages = cache.index_select(0, table.flatten()).unflatten(0, table.shape)  # [R, nb, Hkv, N, C]
-    pages = pages.permute(0, 2, 1, 3, 4).flatten(2, 3)  # [R, Hkv, S, C], S = nb * N
     seq_lens = seq_lens.long()
-    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()  # [R]
-    key_pos = torch.arange(pages.shape[2], device=device)  # [S]
-    in_context = key_pos[None, :] < seq_lens[:, None]  # [R, S]
-    # Rows past a request's length are unwritten blocks: zero their bytes (all-zero rows decode to
-    # 0 in every format) so no NaN reaches the output; cheaper on the packed bytes than on floats.
-    _word_view(pages).masked_fill_(~in_context[:, None, :, None], 0)
-    key, value = decode(pages, fmt, torch.float32)  # [R, Hkv, S, D] each
+    key, value, in_context = _context(cache, block_table, seq_lens, max_seq_len, fmt)
+
+    if max_query_len == 1 and num_tokens == num_reqs:  # decode only: each token sees its whole context
+        q = query.float()[:, :, None]  # [R, Hq, 1, D]
+        return _sdpa(q, key, value, in_context[:, None, None], scale, fmt)[:, :, 0].to(query.dtype)
 
     # Scatter the packed query rows into a [R, Lq, Hq, D] batch.
     token = torch.arange(num_tokens, device=device)
@@ -112,18 +105,40 @@ def attend(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     step = token - query_start_loc[:-1].long()[req]  # [T] index within the request's new tokens
     q = query.new_zeros(num_reqs, max_query_len, num_heads, head_dim, dtype=torch.float32)
     q[req, step] = query.float()
-    if fmt.rotate_keys:
-        q = q @ kv_quant.hadamard(head_dim).to(device)
-    q = q.transpose(1, 2)  # [R, Hq, Lq, D]
 
     # Token i of request r sits at absolute position seq_len - q_len + i and sees keys <= it.
+    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()  # [R]
     q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_query_len, device=device)[None, :]  # [R, Lq]
+    key_pos = torch.arange(key.shape[2], device=device)  # [S]
     mask = key_pos[None, None, :] <= q_pos[:, :, None]  # [R, Lq, S]
     mask &= in_context[:, None, :]
     mask[:, :, 0] = True  # padding query rows (i >= q_len) need one visible key; they are dropped
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask[:, None], scale=scale,
-                                         enable_gqa=num_heads != key.shape[1])  # [R, Hq, Lq, D]
+    out = _sdpa(q.transpose(1, 2), key, value, mask[:, None], scale, fmt)  # [R, Hq, Lq, D]
     return out.transpose(1, 2)[req, step].to(query.dtype)  # [T, Hq, D]
+
+
+def _context(cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
+             fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each request's cached K, V [R, Hkv, S, D] fp32 (S = its pages' slots) and in_context [R, S]."""
+    num_reqs, block_size = seq_lens.shape[0], cache.shape[2]
+    table = block_table[:num_reqs, :-(-max_seq_len // block_size)].long()  # [R, nb]
+    pages = cache.index_select(0, table.flatten()).unflatten(0, table.shape)  # [R, nb, Hkv, N, C]
+    pages = pages.permute(0, 2, 1, 3, 4).flatten(2, 3)  # [R, Hkv, S, C], S = nb * N
+    in_context = torch.arange(pages.shape[2], device=cache.device)[None, :] < seq_lens[:, None]  # [R, S]
+    # Rows past a request's length are unwritten blocks: zero their bytes (all-zero rows decode to
+    # 0 in every format) so no NaN reaches the output; cheaper on the packed bytes than on floats.
+    _word_view(pages).masked_fill_(~in_context[:, None, :, None], 0)
+    key, value = decode(pages, fmt, torch.float32)
+    return key, value, in_context
+
+
+def _sdpa(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float,
+          fmt: KVFormat) -> torch.Tensor:
+    """q [R, Hq, Lq, D] over key, value [R, Hkv, S, D] under a boolean mask broadcast to [R, Hq, Lq, S]."""
+    if fmt.rotate_keys:  # keys are stored in the Hadamard basis: rotate the query instead
+        q = q @ kv_quant.hadamard(q.shape[-1]).to(q.device)
+    return F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != key.shape[1])
 
 
 def _word_view(rows: torch.Tensor) -> torch.Tensor:
