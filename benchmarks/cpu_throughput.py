@@ -43,9 +43,9 @@ class BenchConfig:
     workdir: Path = REPO / "runs" / "cpu-throughput"
     plugin_bits: tuple[int, ...] = (8, 6, 4)
     kv_group: int = 64
-    kv_cache_memory_bytes: int = 4 << 20
+    kv_cache_memory_bytes: tuple[int, ...] = (1 << 20, 4 << 20)  # one table per budget
     dtype: str = "bfloat16"
-    num_prompts: int = 128
+    num_prompts: int = 64
     input_len: int = 48  # random text tokens; the 64x64 image adds 16 image tokens
     output_len: int = 128
     max_model_len: int = 256
@@ -58,8 +58,8 @@ class BenchConfig:
         for name in ("num_prompts", "input_len", "output_len", "kv_group"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-        if self.kv_cache_memory_bytes < 1 << 20:
-            raise ValueError(f"--kv-cache-memory-bytes {self.kv_cache_memory_bytes}: must be >= 1 MiB")
+        if not self.kv_cache_memory_bytes or min(self.kv_cache_memory_bytes) < 1 << 20:
+            raise ValueError(f"--kv-cache-memory-bytes {self.kv_cache_memory_bytes}: each must be >= 1 MiB")
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class Row:
     name: str
     model: str  # what --model got
     extra: tuple[str, ...] = ()
+    kv_cache_memory_bytes: int = 0
 
 
 def model_dir(config: BenchConfig) -> str:
@@ -88,29 +89,31 @@ def make_artifact(config: BenchConfig, bits: int) -> Path:
 
 def rows(config: BenchConfig) -> list[Row]:
     base = model_dir(config)
-    out = [Row("stock", base)]
+    configurations = [("stock", base, ())]
     if config.fp8_baseline:
-        out.append(Row("stock fp8", base, ("--kv-cache-dtype", "fp8")))
+        configurations.append(("stock fp8", base, ("--kv-cache-dtype", "fp8")))
     for bits in config.plugin_bits:
         # --tokenizer: `vllm bench` loads one from --model itself, and an artifact holds none
-        out.append(Row(f"plugin {bits}-bit", str(make_artifact(config, bits)),
-                       ("--plugin", "adaspkv", "--tokenizer", base)))
-    return out
+        configurations.append((f"plugin {bits}-bit", str(make_artifact(config, bits)),
+                               ("--plugin", "adaspkv", "--tokenizer", base)))
+    return [Row(name, model, extra, budget) for budget in config.kv_cache_memory_bytes
+            for name, model, extra in configurations]
 
 
 def bench_command(config: BenchConfig, row: Row, output_json: Path) -> list[str]:
+    # the multimodal prompts (one 64x64 image: 16 image tokens) are vLLM's random-mm dataset
     return [str(VLLM), "bench", "throughput", "--model", row.model, *row.extra,
             "--dataset-name", "random-mm", "--num-prompts", str(config.num_prompts),
             "--random-input-len", str(config.input_len), "--random-output-len", str(config.output_len),
             "--random-range-ratio", "0", "--random-mm-base-items-per-request", "1",
             "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
             "--random-mm-bucket-config", "{(64, 64, 1): 1.0}",
-            "--kv-cache-memory-bytes", str(config.kv_cache_memory_bytes), "--dtype", config.dtype,
+            "--kv-cache-memory-bytes", str(row.kv_cache_memory_bytes), "--dtype", config.dtype,
             "--max-model-len", str(config.max_model_len), "--seed", "0", "--output-json", str(output_json)]
 
 
 def run_row(config: BenchConfig, row: Row) -> dict:
-    slug = row.name.replace(" ", "-")
+    slug = f"{row.name.replace(' ', '-')}-{row.kv_cache_memory_bytes >> 10}KiB"
     output_json = config.workdir / f"{slug}.json"
     log = config.workdir / f"{slug}.log"
     command = bench_command(config, row, output_json)
@@ -126,20 +129,22 @@ def run_row(config: BenchConfig, row: Row) -> dict:
     if not capacity:
         raise SystemExit(f"{row.name}: no 'KV cache size: N tokens' line in {log}")
     result = json.loads(output_json.read_text())
-    return {"name": row.name, "command": command, "kv_cache_tokens": int(capacity[-1].replace(",", "")),
+    return {"name": row.name, "kv_cache_memory_bytes": row.kv_cache_memory_bytes, "command": command, "kv_cache_tokens": int(capacity[-1].replace(",", "")),
             "requests_per_second": result["requests_per_second"],
             "output_tokens_per_second": config.num_prompts * config.output_len / result["elapsed_time"],
             "elapsed_s": result["elapsed_time"], "wall_s": time.monotonic() - start}
 
 
 def table(results: list[dict]) -> str:
-    stock = results[0]
-    lines = ["| configuration | KV cache tokens | requests/s | output tokens/s | requests/s vs stock |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    """One row per run; the ratio is against stock at the same KV budget."""
+    stock = {r["kv_cache_memory_bytes"]: r for r in results if r["name"] == "stock"}
+    lines = ["| KV budget | configuration | KV cache tokens | requests/s | output tokens/s | requests/s vs stock |",
+             "| ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in results:
-        lines.append(f"| {r['name']} | {r['kv_cache_tokens']:,} | {r['requests_per_second']:.3f} | "
+        budget = r["kv_cache_memory_bytes"]
+        lines.append(f"| {budget / 2**20:g} MiB | {r['name']} | {r['kv_cache_tokens']:,} | {r['requests_per_second']:.3f} | "
                      f"{r['output_tokens_per_second']:.1f} | "
-                     f"{r['requests_per_second'] / stock['requests_per_second']:.2f}x |")
+                     f"{r['requests_per_second'] / stock[budget]['requests_per_second']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -152,8 +157,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--plugin-bits", default=",".join(map(str, d.plugin_bits)),
                    help="uniform plugin plans to run, comma-separated (default: %(default)s)")
     p.add_argument("--kv-group", type=int, default=d.kv_group, help="KV quantization group (default: %(default)s)")
-    p.add_argument("--kv-cache-memory-bytes", type=int, default=d.kv_cache_memory_bytes,
-                   help="the same KV budget for every row (default: %(default)s)")
+    p.add_argument("--kv-cache-memory-bytes", default=",".join(map(str, d.kv_cache_memory_bytes)),
+                   help="KV budgets, comma-separated; every configuration runs at each (default: %(default)s)")
     p.add_argument("--dtype", default=d.dtype, help="model dtype (default: %(default)s)")
     p.add_argument("--num-prompts", type=int, default=d.num_prompts, help="(default: %(default)s)")
     p.add_argument("--input-len", type=int, default=d.input_len, help="random text tokens (default: %(default)s)")
@@ -162,10 +167,12 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     a = p.parse_args(argv)
     try:
         bits = tuple(int(b) for b in a.plugin_bits.split(","))
+        budgets = tuple(int(b) for b in a.kv_cache_memory_bytes.split(","))
     except ValueError:
-        p.error(f"--plugin-bits {a.plugin_bits!r}: comma-separated integers such as 8,6,4")
+        p.error(f"--plugin-bits {a.plugin_bits!r} / --kv-cache-memory-bytes {a.kv_cache_memory_bytes!r}: "
+                "comma-separated integers")
     return BenchConfig(model=a.model, out=a.out, workdir=a.workdir, plugin_bits=bits, kv_group=a.kv_group,
-                       kv_cache_memory_bytes=a.kv_cache_memory_bytes, dtype=a.dtype, num_prompts=a.num_prompts,
+                       kv_cache_memory_bytes=budgets, dtype=a.dtype, num_prompts=a.num_prompts,
                        input_len=a.input_len, output_len=a.output_len, fp8_baseline=not a.no_fp8)
 
 
