@@ -1,0 +1,65 @@
+"""The GPU benchmark scripts, without a GPU: their dry runs and their refusal to run without CUDA.
+
+benchmarks/decode_step.py --dry-run runs in a fresh process: it sets TRITON_INTERPRET=1 before
+importing triton, which only works in a process that has not imported it yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_adaspkv import kv_quant
+
+REPO = Path(__file__).resolve().parent.parent
+DECODE_STEP = REPO / "benchmarks" / "decode_step.py"
+# one plan of each kind: torch baseline, the kernels' 16-bit format, a uniform width, a mixed plan
+PLANS = ["sdpa-bf16", "bf16", "6", "mixed:8/4"]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(DECODE_STEP), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_decode_step_dry_run_checks_kernels_and_sizes_batches_by_the_budget(tmp_path):
+    out = tmp_path / "decode_step.json"
+    run = run_script("--dry-run", "--plans", ",".join(PLANS), "--json", str(out))
+    assert run.returncode == 0, f"{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
+    assert "dry run: no timings are meaningful" in run.stdout
+    result = json.loads(out.read_text())
+    cfg, rows = result["config"], result["rows"]
+    assert [r["plan"] for r in rows] == PLANS
+
+    # the capacity formula, from the quantizer's row size: whole blocks of every layer, whole blocks
+    # per request of context + warm-up + timed steps + the checked step
+    bits = {"sdpa-bf16": [16, 16], "bf16": [16, 16], "6": [6, 6], "mixed:8/4": [8, 4]}  # 2 layers
+    per_request = -(-(cfg["context"] + cfg["warmup"] + cfg["steps"] + 1) // cfg["block_size"])
+    for r in rows:
+        assert r["bits"] == bits[r["plan"]]
+        token_bytes = sum(2 * cfg["kv_heads"] * kv_quant.bytes_per_token_head(b, cfg["head_dim"], cfg["group"])
+                          for b in r["bits"])
+        blocks = cfg["kv_budget_bytes"] // (cfg["block_size"] * token_bytes)
+        assert (r["bytes_per_token"], r["num_blocks"], r["blocks_per_request"], r["max_batch"]) == \
+            (token_bytes, blocks, per_request, blocks // per_request), r["plan"]
+        assert r["batch"] == min(r["max_batch"], cfg["max_batch"]) >= 1
+        assert r["step_ms"] > 0 and r["tokens_per_s"] > 0
+        if r["plan"] != "sdpa-bf16":  # kernels against paged_kv, call by call, in the first step
+            assert r["check_ok"] and r["check_write_bad_rows"] == 0, r
+    by_plan = {r["plan"]: r for r in rows}
+    assert by_plan["sdpa-bf16"]["batch"] == by_plan["bf16"]["batch"] < by_plan["6"]["batch"]
+    assert by_plan["6"]["batch"] == by_plan["mixed:8/4"]["batch"]  # the same mean bytes per token
+    assert result["cross_check"]["ok"], result["cross_check"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the message on a machine without CUDA")
+def test_decode_step_without_cuda_exits_2():
+    run = run_script("--steps", "1")
+    assert run.returncode == 2 and "no CUDA GPU" in run.stderr
