@@ -12,6 +12,8 @@ nibble), 2 bits four per byte, 6 bits four codes in three bytes (24 bits, first 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 KV_BITS = (16, 8, 6, 4, 2)
@@ -92,6 +94,13 @@ def hadamard(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return (h / n**0.5).to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def hadamard_on(n: int, device: torch.device) -> torch.Tensor:
+    """hadamard(n) [n, n] fp32, built once per device: the serving paths rotate on every step, and a
+    cached matrix also leaves nothing to copy from the host inside a CUDA graph. Read-only."""
+    return hadamard(n, torch.float32).to(device)
 
 
 def fake_quantize_rotated(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:

@@ -52,7 +52,7 @@ class KVFormat:
 def encode(key: torch.Tensor, value: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
     """key, value [T, H, D] -> uint8 rows [T, H, fmt.token_head_bytes]."""
     if fmt.rotate_keys:
-        key = key.float() @ kv_quant.hadamard(fmt.head_dim).to(key.device)
+        key = key.float() @ kv_quant.hadamard_on(fmt.head_dim, key.device)
     return torch.cat([kv_quant.quantize(key, fmt.bits, fmt.group),
                       kv_quant.quantize(value, fmt.bits, fmt.group)], -1)
 
@@ -136,7 +136,7 @@ def _sdpa(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.T
           fmt: KVFormat) -> torch.Tensor:
     """q [R, Hq, Lq, D] over key, value [R, Hkv, S, D] under a boolean mask broadcast to [R, Hq, Lq, S]."""
     if fmt.rotate_keys:  # keys are stored in the Hadamard basis: rotate the query instead
-        q = q @ kv_quant.hadamard(q.shape[-1]).to(q.device)
+        q = q @ kv_quant.hadamard_on(q.shape[-1], q.device)
     return F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale,
                                           enable_gqa=q.shape[1] != key.shape[1])
 

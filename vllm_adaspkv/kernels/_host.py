@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 
-from vllm_adaspkv import kv_quant
 from vllm_adaspkv.paged_kv import KVFormat
-
-
-@functools.lru_cache(maxsize=None)
-def hadamard_on(n: int, device: torch.device) -> torch.Tensor:
-    """kv_quant.hadamard(n) [n, n] fp32, kept on `device`: built once, so later calls copy nothing
-    from the host (a host-to-device copy cannot be captured in a CUDA graph)."""
-    return kv_quant.hadamard(n, torch.float32).to(device)
 
 
 def layout_constants(fmt: KVFormat) -> dict[str, int]:

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_adaspkv.kernels._host import check_cache, hadamard_on, layout_constants, rows_contiguous
+from vllm_adaspkv.kernels._host import check_cache, layout_constants, rows_contiguous
+from vllm_adaspkv.kv_quant import hadamard_on
 from vllm_adaspkv.paged_kv import KVFormat
 
 
