@@ -33,6 +33,21 @@ def fit_budget(bits: list[int], budget: float, choices: tuple[int, ...]) -> list
     return bits
 
 
+def fill_budget(bits: list[int], budget: float, choices: tuple[int, ...]) -> list[int]:
+    """Widens layers one choice at a time, always the narrowest (the first of equals), while the mean
+    stays at most `budget`: bits left unused only cost quality. choices sorted ascending."""
+    bits = list(bits)
+    while True:
+        narrowest = min((i for i in range(len(bits)) if bits[i] != choices[-1]),
+                        key=lambda i: (bits[i], i), default=None)
+        if narrowest is None:
+            return bits
+        wider = bits[:narrowest] + [choices[choices.index(bits[narrowest]) + 1]] + bits[narrowest + 1:]
+        if mean_bits(wider) > budget + 1e-9:
+            return bits
+        bits = wider
+
+
 def equal_split(priorities: list[float], high: int = 8, low: int = 6) -> list[int]:
     """The paper's constraint: half the layers at `high` bits (those of highest priority), the others
     at `low`; with an odd count the extra layer gets `low`, so the mean never exceeds (high+low)/2."""

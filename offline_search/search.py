@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from offline_search.allocation import block_grid, centred_blocks, expand_blocks, layer_blocks
 from offline_search.compress_config import CompressConfig
-from offline_search.kv_plans import equal_split, fit_budget, mean_bits, uniform_bits_within
+from offline_search.kv_plans import equal_split, fill_budget, fit_budget, mean_bits, uniform_bits_within
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,9 @@ def run_search(config: CompressConfig, layer_weights: list[int],
         elif config.kv_search in ("budget", "pareto"):
             bits = [choices[trial.suggest_int(n, 0, len(choices) - 1)] for n in kv_names]
             if config.kv_bits_budget is not None:
+                # Over budget: narrowed to fit; under it: the unused bits go to the narrowest layers.
                 bits = fit_budget(bits, config.kv_bits_budget, choices)
+                bits = fill_budget(bits, config.kv_bits_budget, choices)
         if bits is not None:
             trial.set_user_attr("kv_bits", bits)
         value = evaluate_plan(layer_sparsity, bits)

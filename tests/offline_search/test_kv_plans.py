@@ -1,6 +1,6 @@
 import pytest
 
-from offline_search.kv_plans import check_choices, equal_split, fit_budget, mean_bits, uniform_bits_within
+from offline_search.kv_plans import check_choices, equal_split, fill_budget, fit_budget, mean_bits, uniform_bits_within
 
 
 def test_fit_budget_by_hand():
@@ -10,6 +10,17 @@ def test_fit_budget_by_hand():
     assert fit_budget([2, 16, 2, 2], 6, choices) == [2, 16, 2, 2]  # already within: untouched
     assert fit_budget([8, 8, 8, 8], 4.5, choices) == [6, 4, 4, 4]  # ties: the last layer goes first
     assert mean_bits(fit_budget([16, 16, 16], 4.5, choices)) <= 4.5
+
+
+def test_fill_budget_by_hand():
+    choices = (2, 4, 6, 8, 16)
+    assert fill_budget([6, 6, 4, 6], 6, choices) == [6, 6, 6, 6]  # the 4-bit layer takes the 2 unused bits
+    assert fill_budget([8, 6, 4, 6], 6, choices) == [8, 6, 4, 6]  # mean exactly 6: untouched
+    # mean 5.5: the first of the narrowest goes up (2 -> 4, mean 6.0), then nothing more fits
+    assert fill_budget([2, 16, 2, 2], 6, choices) == [4, 16, 2, 2]
+    assert fill_budget([4, 4], 5, (4, 6)) == [6, 4]
+    assert fill_budget([16, 16], 16, choices) == [16, 16]  # nothing wider to take
+    assert fill_budget([2, 2, 2, 2], 4.5, choices) == [6, 4, 4, 4]
 
 
 def test_equal_split_by_hand():
