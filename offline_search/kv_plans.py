@@ -38,14 +38,14 @@ def fill_budget(bits: list[int], budget: float, choices: tuple[int, ...]) -> lis
     stays at most `budget`: bits left unused only cost quality. choices sorted ascending."""
     bits = list(bits)
     while True:
-        narrowest = min((i for i in range(len(bits)) if bits[i] != choices[-1]),
-                        key=lambda i: (bits[i], i), default=None)
-        if narrowest is None:
+        widenable = [i for i, b in enumerate(bits) if b != choices[-1]]
+        if not widenable:
             return bits
-        wider = bits[:narrowest] + [choices[choices.index(bits[narrowest]) + 1]] + bits[narrowest + 1:]
-        if mean_bits(wider) > budget + 1e-9:
+        narrowest = min(widenable, key=lambda i: (bits[i], i))
+        wider = choices[choices.index(bits[narrowest]) + 1]
+        if (sum(bits) - bits[narrowest] + wider) / len(bits) > budget + 1e-9:
             return bits
-        bits = wider
+        bits[narrowest] = wider
 
 
 def equal_split(priorities: list[float], high: int = 8, low: int = 6) -> list[int]:
