@@ -42,10 +42,10 @@ def fill_budget(bits: list[int], budget: float, choices: tuple[int, ...]) -> lis
         if not widenable:
             return bits
         narrowest = min(widenable, key=lambda i: (bits[i], i))
-        wider = choices[choices.index(bits[narrowest]) + 1]
-        if (sum(bits) - bits[narrowest] + wider) / len(bits) > budget + 1e-9:
+        wider = bits[:narrowest] + [choices[choices.index(bits[narrowest]) + 1]] + bits[narrowest + 1:]
+        if mean_bits(wider) > budget + 1e-9:
             return bits
-        bits[narrowest] = wider
+        bits = wider
 
 
 def equal_split(priorities: list[float], high: int = 8, low: int = 6) -> list[int]:

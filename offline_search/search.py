@@ -104,8 +104,10 @@ def run_search(config: CompressConfig, layer_weights: list[int],
         elif config.kv_search in ("budget", "pareto"):
             bits = [choices[trial.suggest_int(n, 0, len(choices) - 1)] for n in kv_names]
             if config.kv_bits_budget is not None:
-                # Over budget: narrowed to fit; under it: the unused bits go to the narrowest layers.
                 bits = fit_budget(bits, config.kv_bits_budget, choices)
+            # Budget mode spends unused bits on the narrowest layers; a Pareto search keeps its
+            # low-bit plans, which are the front's other end.
+            if config.kv_search == "budget":
                 bits = fill_budget(bits, config.kv_bits_budget, choices)
         if bits is not None:
             trial.set_user_attr("kv_bits", bits)
