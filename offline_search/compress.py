@@ -37,7 +37,7 @@ def compress(config: CompressConfig) -> Path:
     start = time.perf_counter()
     dense_value = objective()
     bare_eval_seconds = time.perf_counter() - start
-    print(f"dense model: {config.objective.describe()} = {dense_value:.4f} ({bare_eval_seconds:.2f} s)")
+    print(f"dense model: {config.objective.describe()} = {dense_value:.6g} ({bare_eval_seconds:.2f} s)")
 
     sizes = pruner.sizes()
     layer_weights = [sum(sizes[mask_key(i, name)] for name in LINEARS) for i in range(num_layers)]
@@ -74,7 +74,7 @@ def compress(config: CompressConfig) -> Path:
         apply_kv_plan(model, kv_bits, config.kv_group, config.rotate_keys)
     value = objective()
     evaluation = {"objective": config.objective.describe(), "dense": dense_value, "pruned": value}
-    print(f"compressed model: {config.objective.describe()} = {value:.4f}")
+    print(f"compressed model: {config.objective.describe()} = {value:.6g}")
     if any(b != 16 for b in kv_bits):
         remove_kv_plan(model)  # the checkpoint, if written, holds weights only
     return export_artifact(config, model, processor, model_dir, masks, kv_bits, provenance, evaluation, study)

@@ -2,10 +2,16 @@
 
 Measured on held-out data, never on the test sets that the final tables report: the last windows of
 WikiText-2 validation (calibration reads the first ones) and ShapesVQA validation questions.
+
+`kl` scores the compressed model against the uncompressed one (EvoPress's fitness): the mean KL
+divergence of the next-token distributions, token by token. Perplexity compares each model with the
+text, and on 64 windows its noise hides differences between KV plans that the test set resolves
+(shapes-llava: mean-6-bit plans differ by 0.01% in perplexity); KL measures only the distortion.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -16,12 +22,14 @@ from offline_search.calibration_data import text_tokens
 from offline_search.perplexity import perplexity, window_nll, windows
 from offline_search.vqa_batches import IGNORE_INDEX, answer_batch
 
-OBJECTIVES = ("wikitext2", "shapesvqa", "mix")
+logger = logging.getLogger(__name__)
+
+OBJECTIVES = ("wikitext2", "kl", "shapesvqa", "mix")
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    kind: str = "wikitext2"  # perplexity | ShapesVQA answer loss | weighted mix
+    kind: str = "wikitext2"  # perplexity | KL to the uncompressed model | ShapesVQA answer loss | mix
     text: str = "wikitext2"  # "wikitext2" (validation split) or a text file
     windows: int = 64  # the paper's 64 windows
     seq_len: int | None = None
@@ -39,8 +47,9 @@ class ObjectiveConfig:
 
     def describe(self) -> str:
         text = f"WikiText-2 validation perplexity ({self.windows} windows)"
+        kl = f"KL(uncompressed || compressed) per token, WikiText-2 validation ({self.windows} windows)"
         vqa = f"ShapesVQA validation answer NLL ({self.vqa_samples} questions)"
-        return {"wikitext2": text, "shapesvqa": vqa,
+        return {"wikitext2": text, "kl": kl, "shapesvqa": vqa,
                 "mix": f"{1 - self.mix_weight:g} x text NLL + {self.mix_weight:g} x answer NLL"}[self.kind]
 
 
@@ -51,7 +60,7 @@ class Objective:
         self.model, self.config = model, config
         self.text_batches: list[torch.Tensor] = []
         self.vqa_batches: list[dict] = []
-        if config.kind in ("wikitext2", "mix"):
+        if config.kind in ("wikitext2", "kl", "mix"):
             seq_len = config.seq_len or model.config.text_config.max_position_embeddings
             stream = text_tokens(config.text, processor.tokenizer)
             chunks = windows(stream, seq_len)[-config.windows:]  # [windows, seq_len], the stream's end
@@ -61,18 +70,39 @@ class Objective:
             questions = shapes_vqa.samples("validation", config.vqa_samples, size)
             self.vqa_batches = [answer_batch(processor, questions[i:i + config.batch_size])
                                 for i in range(0, len(questions), config.batch_size)]
+        # kl: the uncompressed model's log-probabilities, taken now, before any mask or KV plan, in
+        # fp32 so that the uncompressed model scores exactly 0. Host memory: windows x seq_len x
+        # vocab x 4 bytes (shapes-llava, 64 x 256 x 2048: 134 MB); --objective-windows bounds it.
+        self.reference = [self._logprobs(batch).cpu() for batch in self.text_batches] if config.kind == "kl" else []
+        if self.reference:
+            megabytes = sum(r.numel() for r in self.reference) * 4 / 2**20
+            logger.info("kl objective: %.0f MB of reference log-probabilities", megabytes)
 
     @torch.no_grad()
     def __call__(self) -> float:
         kind, weight = self.config.kind, self.config.mix_weight
         if kind == "wikitext2":
             return perplexity(self._window_nll, self.text_batches)
+        if kind == "kl":
+            return self.kl()
         if kind == "shapesvqa":
             return self.answer_nll()
         return (1 - weight) * self.text_nll() + weight * self.answer_nll()
 
     def text_nll(self) -> float:
         return math.log(perplexity(self._window_nll, self.text_batches))
+
+    def kl(self) -> float:
+        total, count = 0.0, 0
+        for batch, reference in zip(self.text_batches, self.reference):
+            logprobs = self._logprobs(batch)  # [B, L, V]
+            total += float(kl_divergence(reference.to(logprobs.device), logprobs).sum())
+            count += batch.numel()
+        return total / count
+
+    @torch.no_grad()
+    def _logprobs(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.model(input_ids=batch).logits.float(), dim=-1)
 
     def _window_nll(self, batch: torch.Tensor) -> torch.Tensor:
         return window_nll(self.model(input_ids=batch).logits, batch)
@@ -89,3 +119,8 @@ class Objective:
             total += float(nll)
             count += int((labels != IGNORE_INDEX).sum())
         return total / count
+
+
+def kl_divergence(reference_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) per position, summed over the vocabulary: [..., V] log-probabilities -> [...]."""
+    return (reference_logprobs.exp() * (reference_logprobs - logprobs)).sum(dim=-1)

@@ -51,8 +51,8 @@ def write_report(out: Path, plan: Plan, sizes: dict[str, int], study=None) -> Pa
              f"Base model: `{plan.base_model.path}` (sha256 `{plan.base_model.sha256[:16]}...`)", ""]
     if plan.evaluation:
         lines += ["| objective | dense | pruned |", "| --- | --- | --- |",
-                  f"| {plan.evaluation['objective']} | {plan.evaluation['dense']:.4f} | "
-                  f"{plan.evaluation['pruned']:.4f} |", ""]
+                  f"| {plan.evaluation['objective']} | {plan.evaluation['dense']:.6g} | "
+                  f"{plan.evaluation['pruned']:.6g} |", ""]
     if study is not None and "timing" in study.user_attrs:
         t = study.user_attrs["timing"]
         lines += [f"Search: {plan.provenance.get('trials_completed')} trials, best trial "

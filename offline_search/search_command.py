@@ -63,8 +63,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, allocations: tuple[str
                        help="calibration cache (default: $ADASPKV_CACHE_DIR or ~/.cache/adaspkv)")
     group = parser.add_argument_group("objective (what the search minimises and the export reports)")
     group.add_argument("--objective", choices=OBJECTIVES, default="wikitext2",
-                       help="wikitext2: validation perplexity; shapesvqa: validation answer loss; mix: "
-                            "weighted sum of both NLLs (default: %(default)s)")
+                       help="wikitext2: validation perplexity; kl: KL divergence from the uncompressed model "
+                            "on the same windows (resolves small differences between KV plans); "
+                            "shapesvqa: validation answer loss; mix: weighted sum of perplexity's and "
+                            "the answer loss's NLLs (default: %(default)s)")
     group.add_argument("--objective-windows", type=int, default=64, help="text windows (default: %(default)s)")
     group.add_argument("--objective-samples", type=int, default=64, help="ShapesVQA questions (default: %(default)s)")
     group.add_argument("--objective-weight", type=float, default=0.5, help="mix: answer NLL weight (default: %(default)s)")

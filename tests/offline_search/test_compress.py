@@ -201,9 +201,10 @@ def test_kv_search_modes(tiny_llava_dir, tmp_path, mode, extra):
 def test_kv_only_search_writes_no_masks(tiny_llava_dir, tmp_path):
     out = tmp_path / "kv"
     main(["search", *small_run(tiny_llava_dir, out, tmp_path / "cache"), "--sparsity", "0",
-          "--allocation", "uniform", "--kv-bits-budget", "4", "--trials", "3"])
+          "--allocation", "uniform", "--kv-bits-budget", "4", "--trials", "3", "--objective", "kl"])
     plan = art.read_plan(out)
     assert plan.mean_kv_bits() <= 4 and not (out / art.MASK_FILE).exists()
+    assert "KL" in plan.evaluation["objective"] and plan.evaluation["dense"] == 0 < plan.evaluation["pruned"]
     assert all(s == 0 for layer in plan.layers for s in layer.sparsity.values())
 
 
