@@ -63,3 +63,22 @@ def test_decode_step_dry_run_checks_kernels_and_sizes_batches_by_the_budget(tmp_
 def test_decode_step_without_cuda_exits_2():
     run = run_script("--steps", "1")
     assert run.returncode == 2 and "no CUDA GPU" in run.stderr
+
+
+def test_cpu_throughput_table_takes_medians_over_repeats(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cpu_throughput", REPO / "benchmarks" / "cpu_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+
+    def runs(name, tokens, values):
+        return [{"kv_cache_memory_bytes": 1 << 20, "name": name, "kv_cache_tokens": tokens,
+                 "requests_per_second": v, "output_tokens_per_second": 128 * v} for v in values]
+
+    lines = bench.table(runs("stock", 512, [4, 6, 5]) + runs("plugin 4-bit", 1792, [7, 6, 8])).splitlines()
+    assert lines[2] == "| 1 MiB | stock | 512 | 5.000 (4.00-6.00) | 640.0 | 1.00x |"
+    assert lines[3] == "| 1 MiB | plugin 4-bit | 1,792 | 7.000 (6.00-8.00) | 896.0 | 1.40x |"  # 7 / 5
+    with pytest.raises(ValueError, match="--repeats 0: must be >= 1"):
+        bench.BenchConfig(repeats=0)

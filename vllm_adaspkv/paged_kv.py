@@ -50,11 +50,12 @@ class KVFormat:
 
 
 def encode(key: torch.Tensor, value: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
-    """key, value [T, H, D] -> uint8 rows [T, H, fmt.token_head_bytes]."""
+    """key, value [T, H, D] -> uint8 rows [T, H, fmt.token_head_bytes]. K and V are quantized in
+    one call (the quantizer works row by row, so the bytes are the same; half the tensor ops)."""
     if fmt.rotate_keys:
         key = key.float() @ kv_quant.hadamard_on(fmt.head_dim, key.device)
-    return torch.cat([kv_quant.quantize(key, fmt.bits, fmt.group),
-                      kv_quant.quantize(value, fmt.bits, fmt.group)], -1)
+    kv = torch.stack([key.float(), value.float()], -2)  # [T, H, 2, D]
+    return kv_quant.quantize(kv, fmt.bits, fmt.group).flatten(-2)  # [T, H, 2 * row_bytes]
 
 
 def decode(rows: torch.Tensor, fmt: KVFormat, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,16 +89,50 @@ def attend(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     [B, Hkv, N, C]. Returns [T, Hq, D] in query's dtype. Every step is batched over requests and
     tokens: the context is gathered page by page, decoded once, and attended with SDPA under a
     mask built from the lengths (prefill, decode, chunked prefill and prefix hits are one case).
+    In a batch that mixes both, decode requests (one new token) are attended apart from the
+    others: padded to the longest prompt of the batch, each would cost as much as a prefill.
     """
+    num_reqs = seq_lens.shape[0]
+    if max_query_len == 1 and query.shape[0] == num_reqs:  # decode only
+        return _attend_decode(query, cache, block_table, seq_lens, max_seq_len, scale, fmt)
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [R]
+    decoding = q_lens == 1
+    if not bool(decoding.any()):
+        return _attend_varlen(query, cache, block_table, seq_lens, query_start_loc, max_query_len,
+                              max_seq_len, scale, fmt)
+    out = query.new_empty(query.shape)
+    dec = decoding.nonzero().squeeze(1)  # [Rd] requests with one new token
+    rows = query_start_loc[dec].long()  # [Rd] their query rows
+    out[rows] = _attend_decode(query[rows], cache, block_table[dec], seq_lens[dec],
+                               int(seq_lens[dec].max()), scale, fmt)
+    rest = (~decoding).nonzero().squeeze(1)  # [Rp] requests with several new tokens
+    lens = q_lens[rest].long()
+    starts = torch.cat([lens.new_zeros(1), lens.cumsum(0)])  # [Rp + 1] in the compacted query
+    # each compacted row's source row: its request's first row + its index within the request
+    within = torch.arange(int(starts[-1]), device=query.device) - starts[:-1].repeat_interleave(lens)
+    rows = query_start_loc[rest].long().repeat_interleave(lens) + within  # [Tp]
+    out[rows] = _attend_varlen(query[rows], cache, block_table[rest], seq_lens[rest], starts,
+                               int(lens.max()), int(seq_lens[rest].max()), scale, fmt)
+    return out
+
+
+def _attend_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
+                   seq_lens: torch.Tensor, max_seq_len: int, scale: float, fmt: KVFormat) -> torch.Tensor:
+    """One new token per request, query [R, Hq, D]: each sees its whole context."""
+    key, value, in_context = _context(cache, block_table, seq_lens.long(), max_seq_len, fmt)
+    q = query.float()[:, :, None]  # [R, Hq, 1, D]
+    return _sdpa(q, key, value, in_context[:, None, None], scale, fmt)[:, :, 0].to(query.dtype)
+
+
+def _attend_varlen(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                   query_start_loc: torch.Tensor, max_query_len: int, max_seq_len: int, scale: float,
+                   fmt: KVFormat) -> torch.Tensor:
+    """Any number of new tokens per request, padded to max_query_len under a causal mask."""
     num_tokens, num_heads, head_dim = query.shape
     num_reqs = seq_lens.shape[0]
     device = query.device
     seq_lens = seq_lens.long()
     key, value, in_context = _context(cache, block_table, seq_lens, max_seq_len, fmt)
-
-    if max_query_len == 1 and num_tokens == num_reqs:  # decode only: each token sees its whole context
-        q = query.float()[:, :, None]  # [R, Hq, 1, D]
-        return _sdpa(q, key, value, in_context[:, None, None], scale, fmt)[:, :, 0].to(query.dtype)
 
     # Scatter the packed query rows into a [R, Lq, Hq, D] batch.
     token = torch.arange(num_tokens, device=device)

@@ -19,12 +19,19 @@ def test_six_bit_packing_by_hand():
     assert _pack(codes, 6).tolist() == [[0x81, 0x30, 0xFC]]
     assert _pack(torch.tensor([[1, 15]], dtype=torch.uint8), 4).tolist() == [[0xF1]]
     assert _pack(torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8), 2).tolist() == [[0b00111001]]
+    # and back, from bytes written by hand
+    assert _unpack(torch.tensor([[0x81, 0x30, 0xFC]], dtype=torch.uint8), 6, 4).tolist() == [[1, 2, 3, 63]]
+    assert _unpack(torch.tensor([[0xF1]], dtype=torch.uint8), 4, 2).tolist() == [[1, 15]]
+    assert _unpack(torch.tensor([[0b00111001]], dtype=torch.uint8), 2, 4).tolist() == [[1, 2, 3, 0]]
 
 
 @pytest.mark.parametrize("bits", [8, 6, 4, 2])
 def test_code_round_trip(bits):
     codes = torch.randint(0, 2**bits, (3, 5, 64), dtype=torch.uint8)
     assert torch.equal(_unpack(_pack(codes, bits), bits, 64), codes)
+    # codes sliced out of wider rows (the cache's rows end with scales): not contiguous
+    rows = torch.cat([_pack(codes, bits), torch.randint(0, 256, (3, 5, 8), dtype=torch.uint8)], -1)
+    assert torch.equal(_unpack(rows[..., :-8], bits, 64), codes)
 
 
 @pytest.mark.parametrize("bits", [16, 8, 6, 4, 2])

@@ -1,5 +1,7 @@
 """The paged quantized KV cache against plain attention over fake-quantized K/V."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,14 +60,16 @@ def test_write_places_rows_by_slot_and_skips_padding():
     assert int((cache != 0).any(-1).sum()) == 2 * KV_HEADS  # nothing else written
 
 
+@pytest.mark.parametrize("q_lens", [[7, 1, 5], [1, 3, 1], [1, 1, 1], [7, 2, 5]])
 @pytest.mark.parametrize("bits,rotate", [(16, False), (8, False), (6, False), (4, True), (2, False)])
-def test_attend_matches_attention_over_fake_quantized_kv(bits, rotate):
-    """Three requests at once: a prefill, a decode step, and a chunk after a cached prefix, with
-    blocks scattered over a pool whose unused blocks hold garbage (NaN once decoded)."""
+def test_attend_matches_attention_over_fake_quantized_kv(bits, rotate, q_lens):
+    """Three requests at once (e.g. a prefill, a decode step, and a chunk after a cached prefix;
+    decodes first, last, alone, or none), with blocks scattered over a pool whose unused blocks
+    hold garbage (NaN once decoded)."""
     torch.manual_seed(0)
     fmt = KVFormat(bits, HEAD_DIM, rotate_keys=rotate)
     pool = torch.randint(0, 256, (16, KV_HEADS, BLOCK, fmt.token_head_bytes), dtype=torch.uint8)
-    seq_lens, q_lens = [7, 10, 13], [7, 1, 5]
+    seq_lens = [7, 10, 13]
     block_table = torch.tensor([[3, 11, 0, 0], [5, 1, 14, 0], [2, 9, 7, 12]])
     scale = HEAD_DIM**-0.5
     ks = [torch.randn(n, KV_HEADS, HEAD_DIM) for n in seq_lens]
@@ -74,12 +78,12 @@ def test_attend_matches_attention_over_fake_quantized_kv(bits, rotate):
         pos = torch.arange(n)
         write(pool, ks[r], vs[r], block_table[r][pos // BLOCK] * BLOCK + pos % BLOCK, fmt)
     qs = [torch.randn(q, Q_HEADS, HEAD_DIM) for q in q_lens]
-    qsl = torch.tensor([0, 7, 8, 13])
+    qsl = torch.tensor([0, *itertools.accumulate(q_lens)])
     out = attend(torch.cat(qs), pool, block_table, torch.tensor(seq_lens), qsl, max(q_lens),
                  max(seq_lens), scale, fmt)
     expected = torch.cat([reference(q, stored(k, fmt, True), stored(v, fmt, False), scale)
                           for q, k, v in zip(qs, ks, vs)])
-    assert out.shape == (13, Q_HEADS, HEAD_DIM)
+    assert out.shape == (sum(q_lens), Q_HEADS, HEAD_DIM)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
 
 
