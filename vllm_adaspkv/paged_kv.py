@@ -89,8 +89,8 @@ def attend(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     [B, Hkv, N, C]. Returns [T, Hq, D] in query's dtype. Every step is batched over requests and
     tokens: the context is gathered page by page, decoded once, and attended with SDPA under a
     mask built from the lengths (prefill, decode, chunked prefill and prefix hits are one case).
-    In a batch that mixes both, decode requests (one new token) are attended apart from the
-    others: padded to the longest prompt of the batch, each would cost as much as a prefill.
+    In a batch that mixes decode requests (one new token) with longer ones, the decodes are
+    attended apart: padded to the batch's longest query, each would cost as much as a prefill.
     """
     num_reqs = seq_lens.shape[0]
     if max_query_len == 1 and query.shape[0] == num_reqs:  # decode only
