@@ -147,17 +147,17 @@ def table(results: list[dict]) -> str:
     for r in results:
         runs.setdefault((r["kv_cache_memory_bytes"], r["name"]), []).append(r)
 
-    def median(key: tuple[int, str], field: str) -> float:
-        return statistics.median(r[field] for r in runs[key])
+    def median(group: list[dict], field: str) -> float:
+        return statistics.median(r[field] for r in group)
 
     lines = ["| KV budget | configuration | KV cache tokens | requests/s, median (range) | output tokens/s | "
              "requests/s vs stock |", "| ---: | --- | ---: | ---: | ---: | ---: |"]
     for (budget, name), group in runs.items():
         rps = [r["requests_per_second"] for r in group]
+        ratio = median(group, "requests_per_second") / median(runs[budget, "stock"], "requests_per_second")
         lines.append(f"| {budget / 2**20:g} MiB | {name} | {group[0]['kv_cache_tokens']:,} | "
-                     f"{median((budget, name), 'requests_per_second'):.3f} ({min(rps):.2f}-{max(rps):.2f}) | "
-                     f"{median((budget, name), 'output_tokens_per_second'):.1f} | "
-                     f"{median((budget, name), 'requests_per_second') / median((budget, 'stock'), 'requests_per_second'):.2f}x |")
+                     f"{statistics.median(rps):.3f} ({min(rps):.2f}-{max(rps):.2f}) | "
+                     f"{median(group, 'output_tokens_per_second'):.1f} | {ratio:.2f}x |")
     return "\n".join(lines)
 
 
