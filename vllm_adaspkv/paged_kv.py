@@ -106,11 +106,9 @@ def attend(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     out[rows] = _attend_decode(query[rows], cache, block_table[dec], seq_lens[dec],
                                int(seq_lens[dec].max()), scale, fmt)
     rest = (~decoding).nonzero().squeeze(1)  # [Rp] requests with several new tokens
+    rows = (~decoding)[torch.repeat_interleave(q_lens)].nonzero().squeeze(1)  # [Tp] their query rows
     lens = q_lens[rest].long()
     starts = torch.cat([lens.new_zeros(1), lens.cumsum(0)])  # [Rp + 1] in the compacted query
-    # each compacted row's source row: its request's first row + its index within the request
-    within = torch.arange(int(starts[-1]), device=query.device) - starts[:-1].repeat_interleave(lens)
-    rows = query_start_loc[rest].long().repeat_interleave(lens) + within  # [Tp]
     out[rows] = _attend_varlen(query[rows], cache, block_table[rest], seq_lens[rest], starts,
                                int(lens.max()), int(seq_lens[rest].max()), scale, fmt)
     return out
