@@ -43,11 +43,11 @@ class BenchConfig:
     out: Path = REPO / "results" / "cpu-throughput"
     workdir: Path = REPO / "runs" / "cpu-throughput"
     plugin_bits: tuple[int, ...] = (8, 6, 4)
-    kv_group: int = 64
+    kv_group: int = 32  # shapes-llava head_dim: one scale and zero per head vector
     kv_cache_memory_bytes: tuple[int, ...] = (1 << 20, 4 << 20)  # one table per budget
     dtype: str = "bfloat16"
     num_prompts: int = 64
-    input_len: int = 48  # random text tokens; the 64x64 image adds 16 image tokens
+    input_len: int = 48  # random text tokens; the 64x64 image adds 4 image tokens
     output_len: int = 128
     max_model_len: int = 256
     fp8_baseline: bool = True

@@ -29,7 +29,8 @@ def _fake_kv_attention(module, query, key, value, attention_mask, **kwargs):
 def apply_kv_plan(model, bits_per_layer: list[int], group: int, rotate_keys: bool = False) -> None:
     """Makes the model's language-model attention read K/V through the quantizer, layer by layer;
     with `rotate_keys`, keys are quantized in the Hadamard basis."""
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
 
     layers = model.model.language_model.layers
     if len(bits_per_layer) != len(layers):
@@ -40,6 +41,9 @@ def apply_kv_plan(model, bits_per_layer: list[int], group: int, rotate_keys: boo
     if rotate_keys:
         hadamard(head_dim)  # fails early on a head_dim that is not a power of two
     AttentionInterface.register(ATTENTION_NAME, _fake_kv_attention)  # same function every time
+    # Without a mask function of its own, transformers passes no mask to an attention function it
+    # does not know, and the left padding of batched prompts is attended to.
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
     for layer, bits in zip(layers, bits_per_layer):
         layer.self_attn.adaspkv_kv = (bits, group, rotate_keys)
     model.set_attn_implementation({"text_config": ATTENTION_NAME})

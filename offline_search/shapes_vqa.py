@@ -9,8 +9,10 @@ spatial relation ("What colour is the shape left of the square?").
 
 from __future__ import annotations
 
+import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
@@ -75,6 +77,20 @@ def caption(shapes: tuple[Shape, ...]) -> str:
                      for s in ordered)
 
 
+def patch_shapes(shapes: tuple[Shape, ...], grid: int) -> list[Shape | None]:
+    """The shape in each patch's quadrant (None where empty), patches row by row on a `grid` x
+    `grid` patch grid."""
+    if grid < 2 or grid % 2:
+        raise ValueError(f"patch grid {grid} must be even and >= 2 (every quadrant a whole number of patches)")
+    by_place = {(s.column, s.row): s for s in shapes}
+    return [by_place.get((2 * column // grid, 2 * row // grid)) for row in range(grid) for column in range(grid)]
+
+
+def naming_words(shape: Shape) -> tuple[str, str, str, str]:
+    """The words that name a shape and its place: ("red", "circle", "left", "top")."""
+    return shape.colour, shape.kind, ("left", "right")[shape.column], ("top", "bottom")[shape.row]
+
+
 def normalize_answer(text: str) -> str:
     """First word, lower case, no punctuation; digits become number words ("2" -> "two")."""
     words = re.findall(r"[a-z0-9]+", text.lower())
@@ -86,6 +102,22 @@ def normalize_answer(text: str) -> str:
 
 def is_correct(prediction: str, answer: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(answer)
+
+
+def paired_difference(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> tuple[int, int, float]:
+    """(questions right in A and wrong in B, the reverse, exact two-sided McNemar p-value).
+
+    The p-value is the binomial test on the discordant questions: how likely a split at least this
+    uneven is if A and B were equally good, i.e. whether an accuracy gap is more than chance.
+    """
+    if len(correct_a) != len(correct_b):
+        raise ValueError(f"paired_difference: {len(correct_a)} and {len(correct_b)} answers; "
+                         "the runs must answer the same questions")
+    lost = sum(a and not b for a, b in zip(correct_a, correct_b))
+    gained = sum(b and not a for a, b in zip(correct_a, correct_b))
+    n = lost + gained
+    tail = sum(math.comb(n, k) for k in range(min(lost, gained) + 1)) / 2 ** n
+    return lost, gained, min(1.0, 2 * tail)
 
 
 def _draw_scene(rng: random.Random) -> tuple[Shape, ...]:

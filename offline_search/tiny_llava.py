@@ -18,26 +18,36 @@ IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
 
 # LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ..."). Accepts plain-string
-# content as well as OpenAI-style content parts; images come before the text of a turn. The template
-# writes the BOS token itself: chat front ends (vLLM's included) tokenize its output without
-# adding special tokens.
-CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}"
-    "{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}{{ '\n' }}"
-    "{%- else -%}"
-    "{{ message['role'].upper() + ': ' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}"
-    "{%- for part in message['content'] if part['type'] == 'image' -%}{{ '<image>\n' }}{%- endfor -%}"
-    "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}{{ '</s>' }}{%- endif -%}{{ ' ' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
-)
+# content as well as OpenAI-style content parts. The template writes the BOS token itself: chat front
+# ends (vLLM's included) tokenize its output without adding special tokens.
+_IMAGE_PARTS = "{%- for part in message['content'] if part['type'] == 'image' -%}{{ '<image>\n' }}{%- endfor -%}"
+_TEXT_PARTS = "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+# The question-first variant ("USER: {question}\n<image> ASSISTANT:") lets the image tokens, which
+# come later, attend to the question: shapes-llava learns its lookups with it (see its model card).
+_QUESTION_FIRST_PARTS = (_TEXT_PARTS + "{%- if message['content'] | selectattr('type', 'equalto', 'image')"
+                         " | list -%}{{ '\n<image>' }}{%- endif -%}")
+
+
+def _chat_template(content_parts: str) -> str:
+    return (
+        "{{- bos_token -}}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}"
+        "{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}{{ '\n' }}"
+        "{%- else -%}"
+        "{{ message['role'].upper() + ': ' }}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}" + content_parts +
+        "{%- endif -%}"
+        "{%- if message['role'] == 'assistant' -%}{{ '</s>' }}{%- endif -%}{{ ' ' }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+    )
+
+
+CHAT_TEMPLATE = _chat_template(_IMAGE_PARTS + _TEXT_PARTS)
+QUESTION_FIRST_CHAT_TEMPLATE = _chat_template(_QUESTION_FIRST_PARTS)
 
 DEFAULT_CORPUS = (
     "USER: ASSISTANT: What is in the image? What colour is the shape? How many shapes are there?",
@@ -68,6 +78,8 @@ class TinyLlavaSpec:
     # Which vision layer's output feeds the projector: LLaVA-1.5 uses -2 (the second-to-last);
     # shapes-llava uses -1, so that no trained layer goes unused.
     vision_feature_layer: int = -2
+    # Chat template: the image before the question (LLaVA-1.5) or after it.
+    question_first: bool = False
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
@@ -106,7 +118,7 @@ class TinyLlavaSpec:
         return (self.image_size // self.patch_size) ** 2
 
 
-def build_tokenizer(corpus: Sequence[str], vocab_size: int):
+def build_tokenizer(corpus: Sequence[str], vocab_size: int, chat_template: str = CHAT_TEMPLATE):
     """A byte-level BPE tokenizer (any text encodes) that prepends `<s>`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -132,23 +144,24 @@ def build_tokenizer(corpus: Sequence[str], vocab_size: int):
         unk_token="<unk>",
         pad_token="<pad>",
         extra_special_tokens={"image_token": IMAGE_TOKEN},
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 
 def build_processor(spec: TinyLlavaSpec, corpus: Sequence[str] = DEFAULT_CORPUS):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
+    chat_template = QUESTION_FIRST_CHAT_TEMPLATE if spec.question_first else CHAT_TEMPLATE
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(corpus, spec.vocab_size),
+        tokenizer=build_tokenizer(corpus, spec.vocab_size, chat_template),
         patch_size=spec.patch_size,
         vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
     )
 

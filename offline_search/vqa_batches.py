@@ -1,8 +1,8 @@
 """Token batches for LLaVA training and evaluation: ShapesVQA conversations and text windows.
 
 The prompt of a question is exactly what a chat client gets from the model's chat template
-("<s>USER: <image>\\n{question} ASSISTANT:"), so a model trained on these batches answers the same
-way through transformers and through vLLM's OpenAI server.
+("<s>USER: <image>\\n{question} ASSISTANT:", or the question first for shapes-llava), so a model
+trained on these batches answers the same way through transformers and through vLLM's OpenAI server.
 """
 
 from __future__ import annotations

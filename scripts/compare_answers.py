@@ -2,11 +2,15 @@
 
     .venv/bin/python scripts/compare_answers.py offline.json served.json
 
-Prints how many ShapesVQA answers agree exactly and the accuracy and perplexity of each run.
+Prints how many ShapesVQA answers agree exactly, the accuracy and perplexity of each run, and the
+questions the first run answers right and the second wrong (and the reverse) with the exact
+McNemar p-value: whether the accuracy gap is more than chance.
 """
 
 import json
 import sys
+
+from offline_search import shapes_vqa
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
@@ -22,3 +26,10 @@ if __name__ == "__main__":
         print(f"{name}: shapesvqa accuracy {run['shapesvqa_accuracy']:.4f}"
               + (f", wikitext2 ppl {ppl:.3f}" if ppl is not None else "") + f" ({run['backend']})")
     print(f"accuracy difference: {abs(a['shapesvqa_accuracy'] - b['shapesvqa_accuracy']) * 100:.2f} points")
+    # `adaspkv eval` asks the first N test questions in order.
+    answers = [s.answer for s in shapes_vqa.samples("test", len(pa))]
+    lost, gained, p_value = shapes_vqa.paired_difference(
+        [shapes_vqa.is_correct(x, g) for x, g in zip(pa, answers)],
+        [shapes_vqa.is_correct(y, g) for y, g in zip(pb, answers)])
+    print(f"right in the first, wrong in the second: {lost}; the reverse: {gained}; "
+          f"exact McNemar p = {p_value:.2g}")

@@ -36,7 +36,7 @@ def test_capacity_without_geometry_says_so():
 
 
 def test_kv_geometry_of_shapes_llava_and_of_a_bad_config(tmp_path):
-    assert kv_geometry(resolve_model("shapes-llava")) == KVGeometry(num_kv_heads=2, head_dim=64)
+    assert kv_geometry(resolve_model("shapes-llava")) == KVGeometry(num_kv_heads=2, head_dim=32)
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 256}}))
     with pytest.raises(ValueError, match=r"config.json: no num_key_value_heads / head_dim"):
         kv_geometry(tmp_path)

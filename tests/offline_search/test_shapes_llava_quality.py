@@ -1,14 +1,15 @@
-"""The bundled shapes-llava: answers ShapesVQA well above chance, models WikiText-2 far better than a
-unigram model, and is served by stock vLLM with the same answers and perplexity as transformers.
-
-Thresholds guard the provisional model of the model card (0.725 accuracy on the 1000 test
-questions); the project's target is 0.90, which this model does not reach."""
+"""The bundled shapes-llava: meets the project's ShapesVQA target (0.90), models WikiText-2 far better
+than a unigram model, is served by stock vLLM with the same answers and perplexity as
+transformers, and is clearly worse after 50% magnitude pruning (the oracle is sensitive). (The model card: 1.000 on the 1000 test questions, perplexity 210 vs 492.)"""
 
 import pytest
 
 from demo.server import ServerConfig, VllmServer
+from offline_search.compress import compress
+from offline_search.compress_config import CompressConfig
 from offline_search.evaluate import EvalConfig, evaluate
 from offline_search.model_registry import resolve_model
+from offline_search.shapes_vqa import is_correct, paired_difference, samples
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +23,7 @@ def dense():
 
 
 def test_dense_model_answers_and_beats_the_unigram_line(dense):
-    assert dense["shapesvqa_accuracy"] >= 0.65
+    assert dense["shapesvqa_accuracy"] >= 0.90
     assert dense["shapesvqa_by_type"]["count"] >= 0.95
     assert dense["wikitext2_ppl"] < 0.5 * dense["unigram_ppl"]
 
@@ -44,3 +45,18 @@ def test_stock_vllm_serves_the_same_answers_and_perplexity(dense, vllm_env, tmp_
     # Perplexity through the server's prompt log-probs: the same windows, the same number.
     assert served["wikitext2_windows"] == dense["wikitext2_windows"]
     assert served["wikitext2_ppl"] == pytest.approx(dense["wikitext2_ppl"], rel=0.01)
+
+
+def test_half_the_weights_removed_by_magnitude_is_clearly_worse(dense, tmp_path):
+    artifact = compress(CompressConfig(model="shapes-llava", out=tmp_path / "magnitude50", sparsity=0.5,
+                                       metric="magnitude", allocation="uniform"))
+    pruned = evaluate(EvalConfig(model="shapes-llava", artifact=str(artifact), limit=LIMIT, batch_size=32),
+                      resolve_model("shapes-llava"))
+    answers = [s.answer for s in samples("test", LIMIT)]
+    lost, gained, p_value = paired_difference(
+        [is_correct(x, a) for x, a in zip(dense["shapesvqa_predictions"], answers)],
+        [is_correct(x, a) for x, a in zip(pruned["shapesvqa_predictions"], answers)])
+    print(f"50% magnitude: {lost} questions lost, {gained} gained (p = {p_value:.2g}); perplexity "
+          f"{dense['wikitext2_ppl']:.2f} -> {pruned['wikitext2_ppl']:.2f}")
+    assert pruned["shapesvqa_accuracy"] <= dense["shapesvqa_accuracy"] - 0.02 and p_value < 0.05
+    assert pruned["wikitext2_ppl"] > 1.02 * dense["wikitext2_ppl"]

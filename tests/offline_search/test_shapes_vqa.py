@@ -66,3 +66,35 @@ def test_scorer(prediction, answer, expected):
 def test_normalize_answer():
     assert normalize_answer("  Three!") == "three"
     assert normalize_answer("...") == ""
+
+
+def test_patch_shapes_maps_every_patch_to_its_quadrant():
+    red = shapes_vqa.Shape("circle", "red", column=1, row=0)  # top right
+    blue = shapes_vqa.Shape("cross", "blue", column=0, row=1)  # bottom left
+    assert shapes_vqa.patch_shapes((red, blue), grid=2) == [None, red, blue, None]
+    grid4 = shapes_vqa.patch_shapes((red, blue), grid=4)  # 2x2 patches per quadrant
+    assert grid4[2:4] == [red, red] and grid4[6:8] == [red, red] and grid4[8:10] == [blue, blue]
+    assert grid4.count(None) == 8
+
+
+def test_patch_shapes_rejects_a_grid_that_splits_quadrants():
+    with pytest.raises(ValueError, match=r"patch grid 3 must be even and >= 2"):
+        shapes_vqa.patch_shapes((), grid=3)
+
+
+def test_naming_words_name_colour_kind_and_place():
+    shape = shapes_vqa.Shape("triangle", "green", column=0, row=1)
+    assert shapes_vqa.naming_words(shape) == ("green", "triangle", "left", "bottom")
+
+
+def test_paired_difference_by_hand():
+    # Discordant questions: 0 and 1 lost, 3 gained; n = 3, P(X <= 1) = (1 + 3) / 8, doubled: 1.0.
+    assert shapes_vqa.paired_difference([True, True, True, False], [False, False, True, True]) == (2, 1, 1.0)
+    # Six lost, none gained: 2 * (1/2)^6.
+    assert shapes_vqa.paired_difference([True] * 6 + [False], [False] * 7) == (6, 0, 0.03125)
+    assert shapes_vqa.paired_difference([True, False], [True, False]) == (0, 0, 1.0)
+
+
+def test_paired_difference_needs_the_same_questions():
+    with pytest.raises(ValueError, match=r"paired_difference: 2 and 1 answers; the runs must answer the same questions"):
+        shapes_vqa.paired_difference([True, False], [True])

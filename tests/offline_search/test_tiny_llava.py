@@ -78,6 +78,15 @@ def test_chat_template_and_image_token_expansion():
     assert tuple(inputs["pixel_values"].shape) == (1, 3, 32, 32)
 
 
+def test_question_first_chat_template_puts_the_image_after_the_question():
+    _, processor = build_tiny_llava(TinyLlavaSpec(question_first=True))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour?"}]},
+                {"role": "assistant", "content": "red"}, {"role": "user", "content": "And the shape?"}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == "<s>USER: Which colour?\n<image> ASSISTANT: red</s> USER: And the shape? ASSISTANT:"
+    assert processor.tokenizer.chat_template == processor.chat_template  # what vLLM's server reads
+
+
 def test_tokenizer_round_trips_any_text():
     _, processor = build_tiny_llava(TinyLlavaSpec())
     text = "Ünïcödé text, numbers 12345 and a <image> token"

@@ -37,7 +37,8 @@ def prompts(tmp_path_factory):
     for sample in shapes_vqa.samples("test", 32):
         path = folder / f"{len(out)}.png"
         sample.image.save(path)
-        out.append({"prompt": f"USER: <image>\n{sample.question} ASSISTANT:", "image": str(path)})
+        # shapes-llava's chat template puts the question before the image.
+        out.append({"prompt": f"USER: {sample.question}\n<image> ASSISTANT:", "image": str(path)})
     lines = [line for line in read_lines(wikitext_path("test")) if len(line) > 80][:32]
     out += [{"prompt": line[:160], "image": None} for line in lines]
     assert len(out) == 64
