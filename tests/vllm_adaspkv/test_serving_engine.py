@@ -78,23 +78,25 @@ def test_eight_bit_artifact_agrees_with_stock(tmp_path, vllm_env, shapes_dir, pr
 
 
 def test_mixed_six_bit_capacity_and_served_zeros(tmp_path, vllm_env, shapes_dir, prompts):
-    """Mean 6 bits (8/4/8/4, one scale pair per 64-wide head row) under the same budget as a bf16
-    cache: the block count is the byte formula's, and >= 2.4x the 16-bit one."""
+    """Mean 6 bits (8/4/8/4, one scale pair per head row) under the same budget as a bf16 cache:
+    the block count is the byte formula's, and >= 2.2x the 16-bit one (head_dim 32: a row is 32
+    bf16 values, 64 bytes, against 36 at 8 bits and 20 at 4, the fp16 scale and zero included)."""
+    head_dim = json.loads((shapes_dir / "config.json").read_text())["text_config"]["head_dim"]
     bits = [8, 4, 8, 4]
-    art = make_artifact(tmp_path / "mixed", shapes_dir, bits, sparsity=0.5, group=64)
+    art = make_artifact(tmp_path / "mixed", shapes_dir, bits, sparsity=0.5, group=head_dim)
     dense, _ = run_llm(tmp_path, vllm_env, shapes_dir, prompts[:2], dtype="bfloat16")
     # Chunked prefill in 96-token steps and a prefix shared by the repeated prompts exercise the
     # cache across steps; several requests run at once.
     served, log = run_llm(tmp_path, vllm_env, art, prompts[:8] + prompts[:8], dtype="bfloat16", zeros=True,
                           engine={"max_num_batched_tokens": 96, "enable_prefix_caching": True})
     block = served["block_size"]
-    per_token = sum(2 * KVFormat(b, 64, 64).token_head_bytes for b in bits)  # 2 KV heads per layer
+    per_token = sum(2 * KVFormat(b, head_dim, head_dim).token_head_bytes for b in bits)  # 2 KV heads per layer
     assert served["num_blocks"] == BUDGET // (block * per_token)
-    assert dense["num_blocks"] == BUDGET // (block * 4 * 2 * 2 * 64 * 2)
+    assert dense["num_blocks"] == BUDGET // (block * 4 * 2 * 2 * head_dim * 2)
     ratio = served["num_blocks"] / dense["num_blocks"]
     print(f"KV tokens at mean 6 bits: {served['num_blocks'] * block} vs bf16 {dense['num_blocks'] * block} "
           f"({ratio:.2f}x)")
-    assert ratio >= 2.4
+    assert ratio >= 2.2
     assert served["tokens"][:8] == served["tokens"][8:]  # prefix-cache hits decode as the first pass did
 
     masks = read_masks(art)
