@@ -58,10 +58,13 @@ def encode(key: torch.Tensor, value: torch.Tensor, fmt: KVFormat) -> torch.Tenso
     return kv_quant.quantize(kv, fmt.bits, fmt.group).flatten(-2)  # [T, H, 2 * row_bytes]
 
 
-def decode(rows: torch.Tensor, fmt: KVFormat, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 rows [..., fmt.token_head_bytes] -> key, value [..., D] (keys in the stored basis).
-    K and V rows are decoded in one pass (half the tensor ops: they dominate on CPU)."""
-    kv = kv_quant.dequantize(rows.unflatten(-1, (2, fmt.row_bytes)), fmt.bits, fmt.head_dim, fmt.group, dtype)
+def decode(rows: torch.Tensor, fmt: KVFormat, dtype: torch.dtype,
+           valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 rows [..., fmt.token_head_bytes] -> key, value [..., D] (keys in the stored basis);
+    rows where `valid` [...] is False decode to 0. K and V rows are decoded in one pass (half the
+    tensor ops: they dominate on CPU)."""
+    kv = kv_quant.dequantize(rows.unflatten(-1, (2, fmt.row_bytes)), fmt.bits, fmt.head_dim, fmt.group, dtype,
+                             None if valid is None else valid[..., None])
     return kv[..., 0, :], kv[..., 1, :]  # [..., D] each
 
 
@@ -156,12 +159,10 @@ def _context(cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Ten
     num_reqs, block_size = seq_lens.shape[0], cache.shape[2]
     table = block_table[:num_reqs, :-(-max_seq_len // block_size)].long()  # [R, nb]
     pages = cache.index_select(0, table.flatten()).unflatten(0, table.shape)  # [R, nb, Hkv, N, C]
-    pages = pages.permute(0, 2, 1, 3, 4).flatten(2, 3)  # [R, Hkv, S, C], S = nb * N
+    pages = pages.permute(0, 2, 1, 3, 4).flatten(2, 3)[:, :, :max_seq_len]  # [R, Hkv, S, C], S = max_seq_len
     in_context = torch.arange(pages.shape[2], device=cache.device)[None, :] < seq_lens[:, None]  # [R, S]
-    # Rows past a request's length are unwritten blocks: zero their bytes (all-zero rows decode to
-    # 0 in every format) so no NaN reaches the output; cheaper on the packed bytes than on floats.
-    _word_view(pages).masked_fill_(~in_context[:, None, :, None], 0)
-    key, value = decode(pages, fmt, torch.float32)
+    # Rows past a request's length are unwritten blocks: they decode to 0, so no NaN reaches the output
+    key, value = decode(pages, fmt, torch.float32, in_context[:, None, :])
     return key, value, in_context
 
 
@@ -172,11 +173,3 @@ def _sdpa(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.T
         q = q @ kv_quant.hadamard_on(q.shape[-1], q.device)
     return F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale,
                                           enable_gqa=q.shape[1] != key.shape[1])
-
-
-def _word_view(rows: torch.Tensor) -> torch.Tensor:
-    """uint8 rows [..., C] as the widest integers that tile C: masking 8-byte words is ~8x less work."""
-    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
-        if rows.shape[-1] % size == 0:
-            return rows.view(dtype)
-    return rows
