@@ -49,17 +49,27 @@ class AdaspkvAttentionMetadata:
 
 @functools.cache
 def kv_ops(cuda: bool) -> ModuleType:
-    """The module whose write/attend serve the cache: the Triton kernels for CUDA tensors,
-    paged_kv on CPU (Triton's interpreter is far too slow to serve). Decided per call from the
+    """The module whose write/attend serve the cache: the Triton kernels for CUDA tensors, the
+    C++ kernels on CPU (Triton's interpreter is far too slow to serve). Decided per call from the
     tensors' device (a cheap attribute read; the impl is built before it knows its device) and
-    logged once per choice."""
+    logged once per choice. Where the C++ kernels cannot be built, the CPU path is paged_kv (the
+    same bytes and attention, several times slower), with a warning that says why."""
     if cuda:
         from vllm_adaspkv import kernels
 
         logger.info("adaspkv: quantized KV cache on CUDA: Triton kernels (vllm_adaspkv.kernels)")
         return kernels
-    logger.info("adaspkv: quantized KV cache on CPU: PyTorch path (vllm_adaspkv.paged_kv)")
-    return paged_kv
+    from vllm_adaspkv import cpu_kernels
+
+    try:
+        cpu_kernels.load()
+    except Exception as e:  # no C++ compiler, or headers missing: a slower path, said loudly
+        logger.warning("adaspkv: the C++ CPU KV kernels could not be built (%s: %s); the quantized KV "
+                       "cache runs on the PyTorch path (vllm_adaspkv.paged_kv), several times slower",
+                       type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return paged_kv
+    logger.info("adaspkv: quantized KV cache on CPU: C++ kernels (vllm_adaspkv.cpu_kernels)")
+    return cpu_kernels
 
 
 class AdaspkvMetadataBuilder(AttentionMetadataBuilder[AdaspkvAttentionMetadata]):
@@ -103,6 +113,10 @@ class AdaspkvAttentionImpl(AttentionImpl[AdaspkvAttentionMetadata]):
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():  # build (or load) the C++ kernels now, not in the first step
+            kv_ops(cuda=False)
 
     def _pages(self, kv_cache: torch.Tensor, heads_first: bool) -> torch.Tensor:
         """This layer's cache as [blocks, kv heads, block_size, token_head_bytes]."""

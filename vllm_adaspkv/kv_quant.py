@@ -47,12 +47,12 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     if bits == 16:
         return x.to(torch.float16).view(torch.uint8).reshape(*x.shape[:-1], 2 * head_dim)
     g = x.float().reshape(*x.shape[:-1], head_dim // group, group)  # [..., groups, group]
-    low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    low, high = torch.aminmax(g, dim=-1, keepdim=True)
     levels = 2**bits - 1
     # fp16 first, then quantize against the stored (rounded) values: what dequantize will read
     scale = ((high - low) / levels).to(torch.float16)
     zero = low.to(torch.float16)
-    safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+    safe = scale.float().masked_fill_(scale == 0, 1.0)  # a constant group: codes 0
     q = torch.round((g - zero.float()) / safe).clamp_(0, levels).to(torch.uint8)  # [..., groups, group]
     codes = _pack(q.reshape(*x.shape[:-1], head_dim), bits)  # [..., head_dim * bits / 8]
     scales = torch.cat([scale, zero], -1).reshape(*x.shape[:-1], -1)  # [..., groups * 2] fp16
@@ -120,10 +120,13 @@ def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return q
     if bits in (4, 2):
-        per = 8 // bits
-        parts = q.reshape(*q.shape[:-1], -1, per).to(torch.int32)  # [..., n / per, per]
-        shifts = torch.arange(per, dtype=torch.int32, device=q.device) * bits
-        return (parts << shifts).sum(-1).to(torch.uint8)
+        # Whole uint8 ops (codes fit their bits, so no shift overflows): on the serving path this
+        # runs per layer per step on a handful of tokens, where each tensor op's overhead dominates.
+        parts = q.reshape(*q.shape[:-1], -1, 8 // bits)  # [..., n / per, per]
+        out = parts[..., 0]
+        for i in range(1, 8 // bits):
+            out = out | (parts[..., i] << (i * bits))
+        return out
     word = q.reshape(*q.shape[:-1], -1, 4).to(torch.int32)  # 6 bits: [..., n / 4, 4] -> 24-bit words
     word = (word << torch.arange(0, 24, 6, dtype=torch.int32, device=q.device)).sum(-1)  # [..., n / 4]
     out = torch.stack([(word >> s) & 0xFF for s in (0, 8, 16)], -1)  # [..., n / 4, 3]

@@ -16,6 +16,7 @@ Blocks are not zeroed when vLLM hands them out, so anything past a request's len
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,7 @@ def encode(key: torch.Tensor, value: torch.Tensor, fmt: KVFormat) -> torch.Tenso
     one call (the quantizer works row by row, so the bytes are the same; half the tensor ops)."""
     if fmt.rotate_keys:
         key = key.float() @ kv_quant.hadamard_on(fmt.head_dim, key.device)
-    kv = torch.stack([key.float(), value.float()], -2)  # [T, H, 2, D]
+    kv = torch.stack([key, value], -2).float()  # [T, H, 2, D]
     return kv_quant.quantize(kv, fmt.bits, fmt.group).flatten(-2)  # [T, H, 2 * row_bytes]
 
 
@@ -95,9 +96,20 @@ def attend(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     In a batch that mixes decode requests (one new token) with longer ones, the decodes are
     attended apart: padded to the batch's longest query, each would cost as much as a prefill.
     """
+    return attend_with_decode(_attend_decode, query, cache, block_table, seq_lens, query_start_loc,
+                              max_query_len, max_seq_len, scale, fmt)
+
+
+def attend_with_decode(attend_decode: Callable[..., torch.Tensor], query: torch.Tensor, cache: torch.Tensor,
+                       block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                       max_query_len: int, max_seq_len: int, scale: float, fmt: KVFormat) -> torch.Tensor:
+    """`attend` with the decode requests' attention done by `attend_decode` (the arguments of
+    `_attend_decode`): the C++ CPU kernels plug in there and keep this batching."""
     num_reqs = seq_lens.shape[0]
+    if num_reqs == 0:
+        return query.new_empty(query.shape)
     if max_query_len == 1 and query.shape[0] == num_reqs:  # decode only
-        return _attend_decode(query, cache, block_table, seq_lens, max_seq_len, scale, fmt)
+        return attend_decode(query, cache, block_table, seq_lens, max_seq_len, scale, fmt)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [R]
     decoding = q_lens == 1
     if not bool(decoding.any()):
@@ -106,8 +118,8 @@ def attend(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     out = query.new_empty(query.shape)
     dec = decoding.nonzero().squeeze(1)  # [Rd] requests with one new token
     rows = query_start_loc[dec].long()  # [Rd] their query rows
-    out[rows] = _attend_decode(query[rows], cache, block_table[dec], seq_lens[dec],
-                               int(seq_lens[dec].max()), scale, fmt)
+    out[rows] = attend_decode(query[rows], cache, block_table[dec], seq_lens[dec],
+                              int(seq_lens[dec].max()), scale, fmt)
     rest = (~decoding).nonzero().squeeze(1)  # [Rp] requests with several new tokens
     rows = (~decoding)[torch.repeat_interleave(q_lens)].nonzero().squeeze(1)  # [Tp] their query rows
     lens = q_lens[rest].long()
