@@ -120,6 +120,14 @@ def paired_difference(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> t
     return lost, gained, min(1.0, 2 * tail)
 
 
+def compare_test_answers(predictions_a: Sequence[str], predictions_b: Sequence[str]) -> tuple[int, int, float]:
+    """paired_difference of two runs' answers to the first N test questions (what `adaspkv eval`
+    asks, in order), each scored against the questions' answers."""
+    answers = [s.answer for s in samples("test", len(predictions_a))]
+    return paired_difference([is_correct(x, a) for x, a in zip(predictions_a, answers)],
+                             [is_correct(x, a) for x, a in zip(predictions_b, answers)])
+
+
 def _draw_scene(rng: random.Random) -> tuple[Shape, ...]:
     count = rng.randint(1, 4)
     places = rng.sample(QUADRANTS, count)

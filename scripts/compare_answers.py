@@ -26,10 +26,6 @@ if __name__ == "__main__":
         print(f"{name}: shapesvqa accuracy {run['shapesvqa_accuracy']:.4f}"
               + (f", wikitext2 ppl {ppl:.3f}" if ppl is not None else "") + f" ({run['backend']})")
     print(f"accuracy difference: {abs(a['shapesvqa_accuracy'] - b['shapesvqa_accuracy']) * 100:.2f} points")
-    # `adaspkv eval` asks the first N test questions in order.
-    answers = [s.answer for s in shapes_vqa.samples("test", len(pa))]
-    lost, gained, p_value = shapes_vqa.paired_difference(
-        [shapes_vqa.is_correct(x, g) for x, g in zip(pa, answers)],
-        [shapes_vqa.is_correct(y, g) for y, g in zip(pb, answers)])
+    lost, gained, p_value = shapes_vqa.compare_test_answers(pa, pb)
     print(f"right in the first, wrong in the second: {lost}; the reverse: {gained}; "
           f"exact McNemar p = {p_value:.2g}")

@@ -9,7 +9,7 @@ from offline_search.compress import compress
 from offline_search.compress_config import CompressConfig
 from offline_search.evaluate import EvalConfig, evaluate
 from offline_search.model_registry import resolve_model
-from offline_search.shapes_vqa import is_correct, paired_difference, samples
+from offline_search.shapes_vqa import compare_test_answers
 
 pytestmark = pytest.mark.slow
 
@@ -52,10 +52,7 @@ def test_half_the_weights_removed_by_magnitude_is_clearly_worse(dense, tmp_path)
                                        metric="magnitude", allocation="uniform"))
     pruned = evaluate(EvalConfig(model="shapes-llava", artifact=str(artifact), limit=LIMIT, batch_size=32),
                       resolve_model("shapes-llava"))
-    answers = [s.answer for s in samples("test", LIMIT)]
-    lost, gained, p_value = paired_difference(
-        [is_correct(x, a) for x, a in zip(dense["shapesvqa_predictions"], answers)],
-        [is_correct(x, a) for x, a in zip(pruned["shapesvqa_predictions"], answers)])
+    lost, gained, p_value = compare_test_answers(dense["shapesvqa_predictions"], pruned["shapesvqa_predictions"])
     print(f"50% magnitude: {lost} questions lost, {gained} gained (p = {p_value:.2g}); perplexity "
           f"{dense['wikitext2_ppl']:.2f} -> {pruned['wikitext2_ppl']:.2f}")
     assert pruned["shapesvqa_accuracy"] <= dense["shapesvqa_accuracy"] - 0.02 and p_value < 0.05

@@ -98,3 +98,10 @@ def test_paired_difference_by_hand():
 def test_paired_difference_needs_the_same_questions():
     with pytest.raises(ValueError, match=r"paired_difference: 2 and 1 answers; the runs must answer the same questions"):
         shapes_vqa.paired_difference([True, False], [True])
+
+
+def test_compare_test_answers_scores_both_runs_against_the_test_questions():
+    answers = [s.answer for s in shapes_vqa.samples("test", 5)]
+    wrong = ["purple" if a != "purple" else "green" for a in answers]
+    assert shapes_vqa.compare_test_answers(answers, wrong[:2] + answers[2:]) == (2, 0, 0.5)
+    assert shapes_vqa.compare_test_answers(wrong, answers) == (0, 5, 0.0625)
