@@ -4,8 +4,9 @@ One backend class per `KVFormat` (made by `backend_for`), because vLLM asks the 
 for the layer's cache spec (`customize_spec`): it turns the layer's `FullAttentionSpec` into uint8
 pages of `token_head_bytes` per token and KV head. vLLM then puts all decoder layers in one
 `UniformTypeKVCacheSpecs` group whose page is the sum of the layers' pages, so a layer at 4 bits
-really takes a quarter of a 16-bit layer's memory. The math is `paged_kv` (PyTorch, batched) on
-CPU and the Triton kernels of `vllm_adaspkv.kernels` (same signatures, same bytes) on CUDA.
+really takes a quarter of a 16-bit layer's memory. The math is `paged_kv` (PyTorch, batched); it
+runs as the C++ kernels of `vllm_adaspkv.cpu_kernels` on CPU and the Triton kernels of
+`vllm_adaspkv.kernels` on CUDA (same signatures, same bytes).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A paged KV cache whose pages hold quantized K/V rows, and attention that reads it (pure torch).
 
-This is the CPU serving path of the plugin and the reference of the GPU kernels; the quantizer
-itself is `kv_quant`, the same one the search's simulation uses, so what was measured offline
-is what is served.
+This is the reference of the CPU (C++) and GPU (Triton) kernels, the CPU path where those cannot
+be built, and the prefill attention of the C++ path; the quantizer itself is `kv_quant`, the same
+one the search's simulation uses, so what was measured offline is what is served.
 
 One layer's cache is a uint8 tensor [num_blocks, num_kv_heads, block_size, row_bytes] (vLLM's
 `LBHNC` page layout). A token's row for one KV head is `[K row | V row]`, each row as

@@ -36,14 +36,14 @@ def test_kv_ops_by_device_logged_once(adaspkv_log):
 
 def test_cpu_kernels_that_cannot_be_built_fall_back_loudly(adaspkv_log, monkeypatch):
     def no_compiler():
-        raise RuntimeError("Error building extension 'adaspkv_paged_kv_cpu': c++: not found\nmore")
+        raise RuntimeError("Error building extension 'adaspkv_paged_kv_cpu_avx2': c++: not found\nmore")
 
     monkeypatch.setattr(cpu_kernels, "load", no_compiler)
     assert attention_backend.kv_ops(False) is paged_kv
     (warning,) = [r for r in adaspkv_log if r.levelno == logging.WARNING]
     assert warning.getMessage() == (
         "adaspkv: the C++ CPU KV kernels could not be built (RuntimeError: Error building extension "
-        "'adaspkv_paged_kv_cpu': c++: not found); the quantized KV cache runs on the PyTorch path "
+        "'adaspkv_paged_kv_cpu_avx2': c++: not found); the quantized KV cache runs on the PyTorch path "
         "(vllm_adaspkv.paged_kv), several times slower")
 
 

@@ -38,7 +38,10 @@ def load() -> ModuleType:
     from torch.utils.cpp_extension import load as build
 
     logger.info("adaspkv: loading the C++ CPU KV kernels (compiled on first use, about a minute)")
-    return build(name="adaspkv_paged_kv_cpu", sources=[str(SOURCE)],
+    # -march=native: the build is this machine's; the name carries the CPU's vector ISA, so a cache
+    # directory shared with another kind of CPU builds its own copy instead of loading this one.
+    isa = torch.backends.cpu.get_cpu_capability().lower()
+    return build(name=f"adaspkv_paged_kv_cpu_{isa}", sources=[str(SOURCE)],
                  extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off"], verbose=False)
 
 
