@@ -105,7 +105,7 @@ def rows(config: BenchConfig) -> list[Row]:
 
 
 def bench_command(config: BenchConfig, row: Row, output_json: Path) -> list[str]:
-    # the multimodal prompts (one 64x64 image: 16 image tokens) are vLLM's random-mm dataset
+    # the multimodal prompts (one 64x64 image: 4 image tokens of shapes-llava) are vLLM's random-mm dataset
     return [str(VLLM), "bench", "throughput", "--model", row.model, *row.extra,
             "--dataset-name", "random-mm", "--num-prompts", str(config.num_prompts),
             "--random-input-len", str(config.input_len), "--random-output-len", str(config.output_len),
