@@ -25,6 +25,7 @@ from vllm.v1.attention.backend import (
     AttentionType,
     CommonAttentionMetadata,
 )
+from vllm.platforms import current_platform
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from vllm_adaspkv import paged_kv
 from vllm_adaspkv.paged_kv import KVFormat
@@ -114,8 +115,6 @@ class AdaspkvAttentionImpl(AttentionImpl[AdaspkvAttentionMetadata]):
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
-        from vllm.platforms import current_platform
-
         if current_platform.is_cpu():  # build (or load) the C++ kernels now, not in the first step
             kv_ops(cuda=False)
 

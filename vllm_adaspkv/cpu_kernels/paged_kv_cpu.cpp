@@ -86,14 +86,14 @@ void decode_row(const uint8_t* row, const RowFormat& f, float* out) {
 }
 
 // head_dim floats -> one row, step for step as kv_quant.quantize: fp16 scale and zero first,
-// codes against the stored (rounded) values, IEEE division, ties to even, clamp.
-void encode_row(const float* x, const RowFormat& f, uint8_t* row) {
+// codes against the stored (rounded) values, IEEE division, ties to even, clamp. q: head_dim
+// bytes of scratch for the codes before packing.
+void encode_row(const float* x, const RowFormat& f, uint8_t* row, uint8_t* q) {
   if (f.bits == 16) {
     for (int64_t d = 0; d < f.head_dim; ++d) store_half(row + 2 * d, x[d]);
     return;
   }
   const int levels = (1 << f.bits) - 1;
-  std::vector<uint8_t> q(f.head_dim);
   for (int64_t g = 0; g < f.head_dim / f.group; ++g) {
     const float* xg = x + g * f.group;
     float low = xg[0], high = xg[0];
@@ -112,7 +112,7 @@ void encode_row(const float* x, const RowFormat& f, uint8_t* row) {
     std::memcpy(row + f.code_bytes + 4 * g + 2, &zero16.x, 2);
   }
   switch (f.bits) {
-    case 8: std::memcpy(row, q.data(), f.head_dim); break;
+    case 8: std::memcpy(row, q, f.head_dim); break;
     case 4: for (int64_t j = 0; j < f.head_dim / 2; ++j) row[j] = q[2 * j] | (q[2 * j + 1] << 4); break;
     case 2:
       for (int64_t j = 0; j < f.head_dim / 4; ++j)
@@ -151,12 +151,13 @@ void write_cache(torch::Tensor cache, torch::Tensor kv, torch::Tensor slots, int
   const int64_t* slot = slots.data_ptr<int64_t>();
   uint8_t* base = cache.data_ptr<uint8_t>();
   at::parallel_for(0, kv.size(0) * heads, 16, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> codes(f.head_dim);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = i / heads, h = i % heads, s = slot[t];
       if (s < 0) continue;  // vLLM's padding
       uint8_t* dest = base + (s / block_size) * sb + h * sh + (s % block_size) * sn;
-      encode_row(x + i * 2 * f.head_dim, f, dest);
-      encode_row(x + (i * 2 + 1) * f.head_dim, f, dest + f.row_bytes);
+      encode_row(x + i * 2 * f.head_dim, f, dest, codes.data());
+      encode_row(x + (i * 2 + 1) * f.head_dim, f, dest + f.row_bytes, codes.data());
     }
   });
 }
