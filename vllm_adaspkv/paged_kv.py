@@ -50,12 +50,17 @@ class KVFormat:
         return 2 * self.row_bytes
 
 
+def kv_to_store(key: torch.Tensor, value: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
+    """key, value [T, H, D] -> fp32 [T, H, 2, D], keys in the basis the cache stores them in."""
+    if fmt.rotate_keys:
+        key = key.float() @ kv_quant.hadamard_on(fmt.head_dim, key.device)
+    return torch.stack([key, value], -2).float()
+
+
 def encode(key: torch.Tensor, value: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
     """key, value [T, H, D] -> uint8 rows [T, H, fmt.token_head_bytes]. K and V are quantized in
     one call (the quantizer works row by row, so the bytes are the same; half the tensor ops)."""
-    if fmt.rotate_keys:
-        key = key.float() @ kv_quant.hadamard_on(fmt.head_dim, key.device)
-    kv = torch.stack([key, value], -2).float()  # [T, H, 2, D]
+    kv = kv_to_store(key, value, fmt)  # [T, H, 2, D]
     return kv_quant.quantize(kv, fmt.bits, fmt.group).flatten(-2)  # [T, H, 2 * row_bytes]
 
 

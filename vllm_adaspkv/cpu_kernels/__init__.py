@@ -50,10 +50,7 @@ def write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapp
     """paged_kv.write: key, value [T, H, D] into their slots of cache [B, H, N, C]; negative slots
     (vLLM's padding) are skipped, rows past the slot mapping ignored."""
     n = slot_mapping.shape[0]
-    key, value = key[:n], value[:n]
-    if fmt.rotate_keys:
-        key = key.float() @ hadamard_on(fmt.head_dim, key.device)
-    kv = torch.stack([key, value], -2).float()  # [T, H, 2, D]
+    kv = paged_kv.kv_to_store(key[:n], value[:n], fmt)  # [T, H, 2, D]
     load().write_cache(cache, kv, slot_mapping.long(), fmt.bits, fmt.group)
 
 
