@@ -75,7 +75,7 @@ class Row:
 
 
 def model_dir(config: BenchConfig) -> str:
-    from offline_search.model_registry import resolve_model
+    from offline_search.data.bundled_models import resolve_model
 
     return str(resolve_model(config.model))
 

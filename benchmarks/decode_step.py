@@ -2,7 +2,7 @@
 
 LLaVA-1.5-7B's language model in shape (Llama-2-7B: hidden 4096, 32 layers, 32 heads and KV heads,
 head_dim 128, MLP 11008, vocab 32000) with random bf16 weights: PyTorch linears, RMSNorm (unit gain),
-RoPE, SiLU MLP, attention through this plugin's Triton kernels (vllm_adaspkv.kernels) over a paged
+RoPE, SiLU MLP, attention through this plugin's Triton kernels (vllm_adaspkv.kv.triton_kernels) over a paged
 cache. Every plan gets the same KV budget (default 16 GiB, for the layers instantiated: --layers 8
 at 16 GiB holds 4x the requests of 32 layers), and the most requests of `context` + new tokens that
 fit: bf16 is capacity-bound, a smaller cache runs a larger batch. Each request's first `context`
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
-from vllm_adaspkv.paged_kv import KVFormat  # noqa: E402
+from vllm_adaspkv.kv.paged import KVFormat  # noqa: E402
 
 BF16 = torch.bfloat16
 # Small enough for the interpreter (~10 ms per program per page on a busy core): 2 pages of context,
@@ -197,7 +197,7 @@ class Decoder:
                 ops.write(cache, kv[0].flatten(0, 1), kv[1].flatten(0, 1), slots, fmt)
 
     def step(self, ops) -> torch.Tensor:
-        """Every request's next token; ops: vllm_adaspkv.kernels, or Checked. -> logits [B, vocab]."""
+        """Every request's next token; ops: vllm_adaspkv.kv.triton_kernels, or Checked. -> logits [B, vocab]."""
         cfg, m, b, bs = self.cfg, self.model, self.tokens.shape[0], self.cfg.block_size
         self.seq_lens.copy_(self.pos + 1)  # the new token is in the cache before attention reads it
         slots = self.table.gather(1, (self.pos // bs)[:, None]).squeeze(1).long() * bs + self.pos % bs  # [B]
@@ -361,11 +361,11 @@ def main() -> int:
         return 2
     import triton
 
-    from vllm_adaspkv import kernels, paged_kv
+    from vllm_adaspkv.kv import paged, triton_kernels
 
     device = "cpu" if cfg.dry_run else "cuda"
     model = Model(cfg, device)
-    rows, firsts = zip(*(run_plan(cfg, model, plan, device, kernels, paged_kv) for plan in cfg.parsed_plans()))
+    rows, firsts = zip(*(run_plan(cfg, model, plan, device, triton_kernels, paged) for plan in cfg.parsed_plans()))
     rows, cross = list(rows), cross_check(rows, firsts)
     bf16 = max((r["tokens_per_s"] for r in rows if r["mean_bits"] == 16), default=None)
     for r in rows:

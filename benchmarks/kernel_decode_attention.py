@@ -1,6 +1,6 @@
 """Decode attention over the quantized paged KV cache on one CUDA GPU: time and achieved bandwidth.
 
-For each KV width (default 16/8/6/4 bits) the Triton attention kernel (vllm_adaspkv.kernels)
+For each KV width (default 16/8/6/4 bits) the Triton attention kernel (vllm_adaspkv.kv.triton_kernels)
 runs one decode step of `batch` requests at `context` tokens each (LLaVA-7B shape by default: 32
 query heads, 32 KV heads, head_dim 128), timed with triton.testing.do_bench. Achieved bandwidth =
 KV bytes the step must read (codes and scales of every context token, K and V) / time, printed
@@ -68,8 +68,8 @@ def paged_setup(a, gen):
 
 
 def run_quantized(a, bits: int, table, seq_lens, qsl, query) -> dict:
-    from vllm_adaspkv import kernels, paged_kv
-    from vllm_adaspkv.paged_kv import KVFormat
+    from vllm_adaspkv.kv import paged, triton_kernels
+    from vllm_adaspkv.kv.paged import KVFormat
 
     fmt = KVFormat(bits, a.head_dim, a.group if bits != 16 else 32)
     blocks = table.numel()
@@ -77,16 +77,16 @@ def run_quantized(a, bits: int, table, seq_lens, qsl, query) -> dict:
     slots = (table.long()[:, :, None] * a.block_size + torch.arange(a.block_size, device=DEVICE)).flatten()
     for chunk in slots.split(1 << 16):  # fill the context with the write kernel, in chunks
         kv = torch.randn(2, chunk.numel(), a.kv_heads, a.head_dim, device=DEVICE, dtype=torch.bfloat16)
-        kernels.write(cache, kv[0], kv[1], chunk, fmt)
+        triton_kernels.write(cache, kv[0], kv[1], chunk, fmt)
     scale = a.head_dim**-0.5
     args = (query, cache, table, seq_lens, qsl, 1, a.context, scale, fmt)
-    ms = bench_ms(lambda: kernels.attend(*args))
+    ms = bench_ms(lambda: triton_kernels.attend(*args))
     # one check on two requests against the PyTorch reference (decodes everything: kept small)
     sub = (query[:2], cache, table[:2], seq_lens[:2], qsl[:3], 1, a.context, scale, fmt)
-    err = (kernels.attend(*sub).float() - paged_kv.attend(*sub).float()).abs().max().item()
+    err = (triton_kernels.attend(*sub).float() - paged.attend(*sub).float()).abs().max().item()
     kv_bytes = a.batch * a.context * a.kv_heads * fmt.token_head_bytes
     new_token = torch.randn(2, a.batch, a.kv_heads, a.head_dim, device=DEVICE, dtype=torch.bfloat16)
-    write_ms = bench_ms(lambda: kernels.write(cache, new_token[0], new_token[1], slots[:a.batch], fmt))
+    write_ms = bench_ms(lambda: triton_kernels.write(cache, new_token[0], new_token[1], slots[:a.batch], fmt))
     return dict(name=f"adaspkv triton {bits}-bit", bits=bits, ms=ms, kv_bytes=kv_bytes,
                 gbps=kv_bytes / ms / 1e6, max_abs_err_vs_paged_kv=err, write_step_ms=write_ms)
 

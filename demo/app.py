@@ -9,12 +9,15 @@ gone) appear as a message above the chat, and the app keeps running.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
 
 from demo.chat import AnswerStats, DemoError, Endpoint, build_messages, checked_image_url, stream_answer
-from demo.plots import capacity_summary, kv_bits_figure, kv_geometry, profile_markdown, sparsity_figure
-from vllm_adaspkv.artifact import read_plan
+from demo.plots import capacity_summary, kv_bits_figure, profile_markdown, sparsity_figure
+from vllm_adaspkv.format import StrictModel, read_geometry, read_plan
+from vllm_adaspkv.format.strict import LaxPath
 
 STATUS_ID = "demo-status"  # elem_ids the browser test looks for
 QUESTION_ID = "demo-question"
@@ -25,30 +28,27 @@ STATS_ID = "demo-stats"
 IMAGE_ID = "demo-image"
 
 
-@dataclass(frozen=True)
-class Example:
-    image: Path
+class Example(StrictModel):
+    image: LaxPath
     question: str
 
 
-@dataclass(frozen=True)
-class AppConfig:
+class AppConfig(StrictModel):
     compressed: Endpoint  # the server to chat with (compressed, or whatever it serves)
     dense: Endpoint | None = None  # the dense model, for side-by-side answers
-    artifact: Path | None = None  # shown in the profile panel
-    max_tokens: int = 32
-    history_turns: int = 0  # earlier question/answer pairs about the same image sent with a question
-    examples: tuple[Example, ...] = field(default_factory=tuple)
+    artifact: LaxPath | None = None  # shown in the profile panel
+    max_tokens: Annotated[int, Field(ge=1)] = 32
+    history_turns: Annotated[int, Field(ge=0)] = 0  # earlier question/answer pairs about the same image sent with a question
+    examples: tuple[Example, ...] = ()
     title: str = "adaspkv: image chat with a compressed LLaVA"
 
-    def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
-        if self.history_turns < 0:
-            raise ValueError(f"history_turns={self.history_turns} must be >= 0")
-        for example in self.examples:
-            if not Path(example.image).is_file():
+    @field_validator("examples")
+    @classmethod
+    def _images_exist(cls, examples: tuple[Example, ...]) -> tuple[Example, ...]:
+        for example in examples:
+            if not example.image.is_file():
                 raise ValueError(f"example image {example.image}: no such file")
+        return examples
 
 
 def warning(message: str) -> str:
@@ -186,12 +186,12 @@ def _profile_panel(gr, artifact: Path | None) -> None:
         gr.Markdown(warning(f"The artifact's profile cannot be shown: {exc}"))
         return
     try:
-        geometry = kv_geometry(plan.base_model.path)
-    except (OSError, ValueError, KeyError):
+        geometry = read_geometry(plan.base_model.path)
+    except ValueError:  # ArtifactError: the base model is not on this machine, or not readable
         geometry = None
-    gr.Markdown(profile_markdown(plan, artifact) + "\n\n" + capacity_summary(plan, geometry))
+    gr.Markdown(profile_markdown(plan, artifact, geometry) + "\n\n" + capacity_summary(plan, geometry))
     with gr.Row():
-        gr.Plot(sparsity_figure(plan), label="weight sparsity per layer")
+        gr.Plot(sparsity_figure(plan, geometry), label="weight sparsity per layer")
         gr.Plot(kv_bits_figure(plan), label="KV bits per layer")
 
 

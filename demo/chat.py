@@ -11,10 +11,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 from PIL import Image, UnidentifiedImageError
+from pydantic import Field, field_validator
 
-from offline_search.openai_chat import image_message, pil_data_url
+from offline_search.evaluation.openai_chat import image_message, pil_data_url
+from vllm_adaspkv.format import StrictModel
+from vllm_adaspkv.format.strict import ServerUrl
 
 MAX_IMAGE_BYTES = 10 << 20  # 10 MiB
 MAX_IMAGE_SIDE = 4096  # pixels
@@ -24,21 +28,18 @@ class DemoError(Exception):
     """A failure explained in words for the user; the app shows it and keeps running."""
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(StrictModel):
     """An OpenAI-compatible server and the model name to ask (None: the first one it lists)."""
 
-    url: str  # e.g. http://127.0.0.1:8000, without /v1
+    url: ServerUrl  # e.g. http://127.0.0.1:8000, without /v1
     model: str | None = None
     label: str = "compressed"
-    timeout_s: float = 120.0
+    timeout_s: Annotated[float, Field(gt=0)] = 120.0
 
-    def __post_init__(self):
-        if not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"server URL {self.url!r}: give one such as http://127.0.0.1:8000")
-        if self.timeout_s <= 0:
-            raise ValueError(f"Endpoint.timeout_s={self.timeout_s} must be > 0")
-        object.__setattr__(self, "url", self.url.rstrip("/").removesuffix("/v1"))
+    @field_validator("url")
+    @classmethod
+    def _base_url(cls, url: str) -> str:
+        return url.rstrip("/").removesuffix("/v1")
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,20 @@ from pathlib import Path
 
 from demo.launch import ASSETS, DemoConfig
 
+HELP = "image chat in the browser with a compressed LLaVA served by vllm serve --plugin adaspkv"
+
+
+def _default(name: str):
+    return DemoConfig.model_fields[name].default
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     what = parser.add_argument_group("what to serve")
-    what.add_argument("--model", default=DemoConfig.model,
+    what.add_argument("--model", default=_default("model"),
                       help="bundled model name or LLaVA checkpoint directory in the llava-hf layout; with "
                            "an --artifact directory its adaspkv.json names the model (default: %(default)s)")
-    what.add_argument("--artifact", default=DemoConfig.artifact,
+    what.add_argument("--artifact", default=_default("artifact"),
                       help="compressed artifact directory (from `adaspkv search` or `prune`), served with "
                            "`vllm serve ART_DIR --plugin adaspkv`; 'auto': the model's own one in "
                            "WORKDIR/artifacts/, searched on first use (--search-trials; about a minute for "
@@ -39,26 +45,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="also start the dense base model (stock `vllm serve`) and offer side-by-side answers")
     what.add_argument("--dense-server-url", default=None,
                       help="with --compare-dense: a running server of the dense model instead of starting one")
-    what.add_argument("--search-trials", type=int, default=DemoConfig.search_trials,
+    what.add_argument("--search-trials", type=int, default=_default("search_trials"),
                       help="trials of the first-run search for --artifact auto (default: %(default)s)")
 
     serve = parser.add_argument_group("vLLM server")
     serve.add_argument("--dtype", default=None,
                        help="--dtype for `vllm serve` (default: float32 for shapes-llava, whose scores were "
                             "measured in float32; auto otherwise)")
-    serve.add_argument("--kv-cache-memory-bytes", type=int, default=DemoConfig.kv_cache_memory_bytes,
+    serve.add_argument("--kv-cache-memory-bytes", type=int, default=_default("kv_cache_memory_bytes"),
                        help="KV-cache size handed to vLLM (default: %(default)s)")
 
     app = parser.add_argument_group("app")
-    app.add_argument("--host", default=DemoConfig.host, help="address of the Gradio app (default: %(default)s)")
-    app.add_argument("--port", type=int, default=DemoConfig.port,
+    app.add_argument("--host", default=_default("host"), help="address of the Gradio app (default: %(default)s)")
+    app.add_argument("--port", type=int, default=_default("port"),
                      help="port of the Gradio app; 0 picks a free one (default: %(default)s)")
-    app.add_argument("--max-tokens", type=int, default=DemoConfig.max_tokens,
+    app.add_argument("--max-tokens", type=int, default=_default("max_tokens"),
                      help="answer length limit (default: %(default)s)")
-    app.add_argument("--history-turns", type=int, default=DemoConfig.history_turns,
+    app.add_argument("--history-turns", type=int, default=_default("history_turns"),
                      help="earlier question/answer pairs about the same image sent with each question; "
                           "shapes-llava was trained on single questions (default: %(default)s)")
-    app.add_argument("--workdir", type=Path, default=DemoConfig.workdir,
+    app.add_argument("--workdir", type=Path, default=_default("workdir"),
                      help="artifacts, example images and server logs (default: %(default)s)")
 
     once = parser.add_argument_group("one question in the terminal (no browser)")
@@ -69,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            f"{ASSETS / 'images'}")
     once.add_argument("--question", default=None,
                       help="with --once: question to ask (default: the ShapesVQA sample's question)")
-    once.add_argument("--shapes-index", type=int, default=DemoConfig.shapes_index,
+    once.add_argument("--shapes-index", type=int, default=_default("shapes_index"),
                       help="with --once and no --image: which ShapesVQA test sample (default: %(default)s)")
 
 
@@ -85,7 +91,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 def run(args: argparse.Namespace) -> int:
     from demo.chat import DemoError
     from demo.launch import SearchFailed, run_app, run_once, stop_signals
-    from demo.server import ServerStartError
+    from offline_search.evaluation.vllm_server import ServerStartError
 
     try:
         config = config_from_args(args)

@@ -15,11 +15,15 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, model_validator
 
 from demo.chat import Endpoint
-from offline_search.model_registry import BUNDLED_MODELS, resolve_model
+from offline_search.data.bundled_models import BUNDLED_MODELS, resolve_model
+from vllm_adaspkv.format import StrictModel, is_artifact
+from vllm_adaspkv.format.strict import LaxPath, ServerUrl
 
 ASSETS = Path(__file__).parent / "assets"
 SERVED_NAME = "adaspkv-demo"
@@ -32,39 +36,33 @@ class SearchFailed(RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
-class DemoConfig:
+class DemoConfig(StrictModel):
     model: str = "shapes-llava"  # bundled model name or checkpoint directory
     artifact: str = "auto"  # artifact directory, "auto" (the model's default one) or "none"
-    server_url: str | None = None  # an already running server: nothing is started for it
-    dense_server_url: str | None = None
+    server_url: ServerUrl | None = None  # an already running server: nothing is started for it
+    dense_server_url: ServerUrl | None = None
     compare_dense: bool = False  # side-by-side answers of the dense model
     host: str = "127.0.0.1"
-    port: int = 7860  # Gradio's; 0 picks a free one
-    workdir: Path = Path("runs/demo")
-    max_tokens: int = 32
-    history_turns: int = 0
+    port: Annotated[int, Field(ge=0, lt=65536)] = 7860  # Gradio's; 0 picks a free one
+    workdir: LaxPath = Path("runs/demo")
+    max_tokens: Annotated[int, Field(ge=1)] = 32
+    history_turns: Annotated[int, Field(ge=0)] = 0
     dtype: str | None = None  # None: float32 for the bundled shapes-llava, vLLM's "auto" otherwise
-    kv_cache_memory_bytes: int = 256 << 20
-    search_trials: int = 3
-    startup_timeout_s: float = 900.0
+    kv_cache_memory_bytes: Annotated[int, Field(ge=1 << 20)] = 256 << 20
+    search_trials: Annotated[int, Field(ge=1)] = 3
+    startup_timeout_s: Annotated[float, Field(gt=0)] = 900.0
     once: bool = False  # ask one question in the terminal instead of starting the app
-    image: Path | None = None  # --once: None asks a ShapesVQA test sample
+    image: LaxPath | None = None  # --once: None asks a ShapesVQA test sample
     question: str | None = None
-    shapes_index: int = 2
+    shapes_index: Annotated[int, Field(ge=0)] = 2
 
-    def __post_init__(self):
-        for name in ("server_url", "dense_server_url"):
-            url = getattr(self, name)
-            if url is not None and not url.startswith(("http://", "https://")):
-                raise ValueError(f"--{name.replace('_', '-')} {url!r}: give a URL such as http://127.0.0.1:8000")
-        if self.artifact not in ("auto", "none") and not (Path(self.artifact) / "adaspkv.json").is_file():
+    @model_validator(mode="after")
+    def _consistent(self) -> DemoConfig:
+        if self.artifact not in ("auto", "none") and not is_artifact(self.artifact):
             raise ValueError(f"--artifact {self.artifact}: not an artifact directory (no adaspkv.json); "
                              "make one with `adaspkv search`, or pass auto or none")
         if self.dense_server_url is not None and not self.compare_dense:
             raise ValueError("--dense-server-url goes with --compare-dense")
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"--port {self.port}: not a TCP port (0..65535)")
         if (self.image is not None or self.question is not None) and not self.once:
             raise ValueError("--image and --question go with --once; in the app, upload the image in the browser")
         if self.image is not None and not self.image.is_file():
@@ -73,11 +71,7 @@ class DemoConfig:
             raise ValueError(f"--image {self.image} needs a --question")
         if self.question is not None and not self.question.strip():
             raise ValueError("--question is empty")
-        for name, low in (("shapes_index", 0), ("max_tokens", 1), ("history_turns", 0), ("search_trials", 1)):
-            if getattr(self, name) < low:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= {low}")
-        if self.kv_cache_memory_bytes < 1 << 20:
-            raise ValueError(f"--kv-cache-memory-bytes {self.kv_cache_memory_bytes}: must be >= 1 MiB")
+        return self
 
 
 def default_artifact_dir(workdir: Path, model: str) -> Path:
@@ -88,13 +82,13 @@ def default_artifact_dir(workdir: Path, model: str) -> Path:
 
 def search_command(model: str, out: Path, trials: int) -> list[str]:
     """A short joint search: 50% weight sparsity, KV bits at most 6 on average."""
-    return [sys.executable, "-m", "vllm_adaspkv.cli", "search", "--model", model, "--sparsity", "0.5",
+    return [sys.executable, "-m", "offline_search.cli.main", "search", "--model", model, "--sparsity", "0.5",
             "--kv-bits-budget", "6", "--trials", str(trials), "--out", str(out)]
 
 
 def ensure_artifact(model: str, model_dir: Path, out: Path, trials: int) -> Path:
     """The artifact in `out`, searched on first use (about a minute for shapes-llava on 2 CPU cores)."""
-    from vllm_adaspkv.artifact import ArtifactError, read_plan
+    from vllm_adaspkv.format import ArtifactError, read_plan
 
     if (out / "adaspkv.json").is_file():
         plan = read_plan(out)
@@ -130,7 +124,7 @@ def base_model_dir(model_dir: Path, artifact: Path | None) -> Path:
     """The dense model: the artifact's base model, or the model itself."""
     if artifact is None:
         return model_dir
-    from vllm_adaspkv.artifact import read_plan
+    from vllm_adaspkv.format import read_plan
 
     return Path(read_plan(artifact).base_model.path)
 
@@ -144,7 +138,7 @@ def serve_args(config: DemoConfig, base: Path, plugin: bool) -> tuple[str, ...]:
 def start_server(stack: ExitStack, config: DemoConfig, target: Path, name: str, args: tuple[str, ...],
                  label: str) -> Endpoint:
     """`vllm serve target ARGS` until `stack` closes; returns its endpoint once /health answers."""
-    from demo.server import ServerConfig, VllmServer
+    from offline_search.evaluation.vllm_server import ServerConfig, VllmServer
 
     server_config = ServerConfig(model=str(target), log_file=config.workdir / f"vllm-serve-{name}.log",
                                  served_model_name=name, extra_args=args,
@@ -153,7 +147,7 @@ def start_server(stack: ExitStack, config: DemoConfig, target: Path, name: str, 
     print(f"Starting `vllm serve {target} {' '.join(args)}` (log: {server_config.log_file}) ...", flush=True)
     stack.enter_context(server)
     print(f"vLLM server ready at {server.base_url}", flush=True)
-    return Endpoint(server.base_url, name, label=label)
+    return Endpoint(url=server.base_url, model=name, label=label)
 
 
 @contextmanager
@@ -163,14 +157,14 @@ def serving(config: DemoConfig, model_dir: Path, artifact: Path | None) -> Itera
     base = base_model_dir(model_dir, artifact)
     with ExitStack() as stack:
         if config.server_url is not None:
-            main = Endpoint(config.server_url, None, label=label)
+            main = Endpoint(url=config.server_url, label=label)
         else:
             main = start_server(stack, config, artifact or model_dir, SERVED_NAME, serve_args(config, base, True),
                                 label)
         dense = None
         if config.compare_dense:
             if config.dense_server_url is not None:
-                dense = Endpoint(config.dense_server_url, None, label="dense")
+                dense = Endpoint(url=config.dense_server_url, label="dense")
             else:
                 dense = start_server(stack, config, base, DENSE_NAME, serve_args(config, base, False), "dense")
         yield main, dense
@@ -195,7 +189,7 @@ def stop_signals() -> Iterator[None]:
 def shapes_examples(workdir: Path) -> list:
     """ShapesVQA test samples saved as PNG, then the bundled photos."""
     from demo.app import Example
-    from offline_search import shapes_vqa
+    from offline_search.data import shapes_vqa
 
     folder = workdir / "examples"
     folder.mkdir(parents=True, exist_ok=True)
@@ -214,7 +208,7 @@ def check_port(host: str, port: int) -> int:
     """`port`, or a free one for 0; a port in use is reported before any server is started."""
     import socket
 
-    from demo.server import free_port
+    from offline_search.evaluation.vllm_server import free_port
 
     if port == 0:
         return free_port(host)
@@ -254,7 +248,7 @@ def run_app(config: DemoConfig) -> int:
 
 def image_and_question(config: DemoConfig) -> tuple[Path, str, str | None]:
     """--once: the user's image and question, or a ShapesVQA test sample saved as PNG with its answer."""
-    from offline_search import shapes_vqa
+    from offline_search.data import shapes_vqa
 
     if config.image is not None:
         return config.image, config.question, None
@@ -268,7 +262,7 @@ def image_and_question(config: DemoConfig) -> tuple[Path, str, str | None]:
 def run_once(config: DemoConfig) -> int:
     """Starts the server(s), asks one question, prints the answer(s) and stops."""
     from demo.chat import AnswerStats, build_messages, checked_image_url, stream_answer
-    from offline_search.shapes_vqa import is_correct
+    from offline_search.data.shapes_vqa import is_correct
 
     model_dir = resolve_model(config.model)
     artifact = resolve_artifact(config, model_dir)

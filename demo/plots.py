@@ -1,67 +1,35 @@
 """The compression profile of an artifact, as the demo shows it: figures and one line of KV capacity.
 
-Everything comes from the artifact's plan (`vllm_adaspkv.artifact.read_plan`) and, for the cache
-geometry, from the base model's config.json; byte counts come from the one KV quantizer module.
+Everything comes from the artifact's plan (`vllm_adaspkv.format.read_plan`), the base model's geometry
+(`vllm_adaspkv.format.read_geometry`) and the KV quantizer's byte counts (`vllm_adaspkv.kv.quant`).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_adaspkv.artifact import Plan
-from vllm_adaspkv.kv_quant import bytes_per_token_head
+from vllm_adaspkv.format import ModelGeometry, Plan
+from vllm_adaspkv.kv.quant import bytes_per_token
 
 
-@dataclass(frozen=True)
-class KVGeometry:
-    num_kv_heads: int
-    head_dim: int
-
-
-def kv_geometry(model_dir: str | Path) -> KVGeometry:
-    """KV heads and head size of a LLaVA checkpoint's language model (llava-hf config.json)."""
-    path = Path(model_dir) / "config.json"
-    config = json.loads(path.read_text())
-    text = config.get("text_config", config)
-    heads = text.get("num_attention_heads")
-    head_dim = text.get("head_dim") or (text["hidden_size"] // heads if heads else None)
-    kv_heads = text.get("num_key_value_heads") or heads
-    if not head_dim or not kv_heads:
-        raise ValueError(f"{path}: no num_key_value_heads / head_dim in text_config")
-    return KVGeometry(num_kv_heads=int(kv_heads), head_dim=int(head_dim))
-
-
-def layer_sparsity(plan: Plan) -> list[float]:
-    """Per decoder layer: the sparsity of its pruned linears, averaged (0 where none is pruned)."""
-    return [sum(layer.sparsity.values()) / len(layer.sparsity) if layer.sparsity else 0.0
-            for layer in plan.layers]
-
-
-def kv_bytes_per_token(plan: Plan, geometry: KVGeometry, bits: int | None = None) -> int:
-    """Cache bytes one token takes over all layers, K and V, scales included; `bits` overrides the
-    plan's per-layer widths (16: the dense cache)."""
-    group = plan.kv_quant.group_size
-    return sum(2 * geometry.num_kv_heads * bytes_per_token_head(bits or layer.kv_bits, geometry.head_dim, group)
-               for layer in plan.layers)
-
-
-def capacity_summary(plan: Plan, geometry: KVGeometry | None) -> str:
+def capacity_summary(plan: Plan, geometry: ModelGeometry | None) -> str:
     """Markdown: KV bytes per token and how many more tokens the same memory holds than a 16-bit cache."""
     if geometry is None:
         return f"Mean KV bits: {plan.mean_kv_bits():g} (the base model's config is not readable here)."
-    ours, dense = kv_bytes_per_token(plan, geometry), kv_bytes_per_token(plan, geometry, bits=16)
+
+    def token_bytes(bits: list[int]) -> int:
+        return bytes_per_token(bits, geometry.num_kv_heads, geometry.head_dim, plan.kv_quant.group_size)
+
+    ours, dense = token_bytes([layer.kv_bits for layer in plan.layers]), token_bytes([16] * plan.num_layers())
     return (f"**KV cache capacity: {dense / ours:.2f}x** the tokens of a 16-bit cache in the same memory "
             f"({ours:,} bytes per token against {dense:,}; mean {plan.mean_kv_bits():g} KV bits, "
             f"group {plan.kv_quant.group_size}).")
 
 
-def profile_markdown(plan: Plan, artifact: Path) -> str:
-    sparsity = layer_sparsity(plan)
+def profile_markdown(plan: Plan, artifact: Path, geometry: ModelGeometry | None) -> str:
+    lines = [f"Artifact `{artifact}`: {plan.metric} / {plan.allocation} / {plan.structure}, {plan.num_layers()} layers"
+             + (f", mean sparsity {plan.mean_sparsity(geometry.linear_sizes()):.3f}." if geometry else ".")]
     evaluation = plan.evaluation
-    lines = [f"Artifact `{artifact}`: {plan.metric} / {plan.allocation} / {plan.structure}, "
-             f"{plan.num_layers()} layers, mean layer sparsity {sum(sparsity) / len(sparsity):.3f}."]
     if {"objective", "dense", "pruned"} <= evaluation.keys():
         lines.append(f"Search objective ({evaluation['objective']}): dense {evaluation['dense']:.3f}, "
                      f"compressed {evaluation['pruned']:.3f}.")
@@ -77,11 +45,13 @@ def _pyplot():
     return plt
 
 
-def sparsity_figure(plan: Plan):
+def sparsity_figure(plan: Plan, geometry: ModelGeometry | None):
+    """Each linear's sparsity as a dot; with the model's geometry, each layer's sparsity as a bar."""
     plt = _pyplot()
     layers = range(plan.num_layers())
     fig, ax = plt.subplots(figsize=(5, 2.8))
-    ax.bar(layers, layer_sparsity(plan), color="tab:blue", label="layer mean")
+    if geometry is not None:
+        ax.bar(layers, plan.layer_sparsity(geometry.linear_sizes()), color="tab:blue", label="layer")
     for i, layer in enumerate(plan.layers):  # every linear of the layer as a dot
         ax.plot([i] * len(layer.sparsity), list(layer.sparsity.values()), "k.", ms=3)
     ax.set(xlabel="decoder layer", ylabel="weight sparsity", ylim=(0, 1), title="Sparsity per layer",

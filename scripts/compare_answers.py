@@ -10,7 +10,7 @@ McNemar p-value: whether the accuracy gap is more than chance.
 import json
 import sys
 
-from offline_search import shapes_vqa
+from offline_search.data import shapes_vqa
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:

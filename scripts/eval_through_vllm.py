@@ -17,12 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from transformers import AutoConfig
-
-from demo.server import ServerConfig, VllmServer
-from offline_search.eval_command import format_table, write_results
-from offline_search.evaluate import TASKS, EvalConfig, evaluate
-from offline_search.model_registry import resolve_model
+from offline_search.data.bundled_models import resolve_model
+from offline_search.evaluation.harness import TASKS, EvalConfig, evaluate
+from offline_search.evaluation.results import format_table, write_results
+from offline_search.evaluation.vllm_server import ServerConfig, VllmServer
+from vllm_adaspkv.format import read_geometry
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
@@ -36,7 +35,7 @@ if __name__ == "__main__":
     parser.add_argument("--artifact", type=Path, default=None)
     args = parser.parse_args(argv)
     model_dir = resolve_model(args.model)
-    context = AutoConfig.from_pretrained(str(model_dir)).text_config.max_position_embeddings
+    context = read_geometry(model_dir).max_position_embeddings
     serve_args = tuple(extra) or ("--dtype", "float32", "--kv-cache-memory-bytes", str(64 << 20),
                                   "--max-model-len", str(context + 1))
     with tempfile.TemporaryDirectory() as tmp:

@@ -78,8 +78,9 @@ PYEOF
 fi
 touch "$VLLM_STAMP"
 
-# This project, editable, with the test tools (gradio for the demo, playwright for its browser test).
-"${PIP[@]}" install -e ".[test]"
+# This project, editable, with every extra: the search (Optuna), the demo (Gradio) and the test tools
+# (playwright for the browser test). `pip install vllm-adaspkv` alone is what a serving machine needs.
+"${PIP[@]}" install -e ".[search,demo,test]"
 
 # The browser test (tests/demo/test_browser.py) drives Debian's Chromium through Playwright, whose own
 # browser download cannot work on machines without general internet access. Installed once, as root.

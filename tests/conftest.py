@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from offline_search.tiny_llava import TinyLlavaSpec, make_tiny_llava
+from offline_search.kit.tiny_llava import TinyLlavaSpec, make_tiny_llava
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINE_SCRIPTS = Path(__file__).resolve().parent / "engine_scripts"

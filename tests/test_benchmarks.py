@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_adaspkv import kv_quant
+from vllm_adaspkv.kv import quant
 
 REPO = Path(__file__).resolve().parent.parent
 DECODE_STEP = REPO / "benchmarks" / "decode_step.py"
@@ -44,7 +44,7 @@ def test_decode_step_dry_run_checks_kernels_and_sizes_batches_by_the_budget(tmp_
     per_request = -(-(cfg["context"] + cfg["warmup"] + cfg["steps"] + 1) // cfg["block_size"])
     for r in rows:
         assert r["bits"] == bits[r["plan"]]
-        token_bytes = sum(2 * cfg["kv_heads"] * kv_quant.bytes_per_token_head(b, cfg["head_dim"], cfg["group"])
+        token_bytes = sum(2 * cfg["kv_heads"] * quant.bytes_per_token_head(b, cfg["head_dim"], cfg["group"])
                           for b in r["bits"])
         blocks = cfg["kv_budget_bytes"] // (cfg["block_size"] * token_bytes)
         assert (r["bytes_per_token"], r["num_blocks"], r["blocks_per_request"], r["max_batch"]) == \

@@ -11,10 +11,10 @@ import torch
 from openai import OpenAI
 from PIL import Image
 
-from offline_search.openai_chat import ask, image_data_url, image_message
-from demo.server import ServerConfig, VllmServer
-from offline_search.checkpoint import load_llava
-from offline_search.tiny_llava import TinyLlavaSpec
+from offline_search.data.checkpoint import load_llava
+from offline_search.evaluation.openai_chat import ask, image_data_url, image_message
+from offline_search.evaluation.vllm_server import ServerConfig, VllmServer
+from offline_search.kit.tiny_llava import TinyLlavaSpec
 from tests.conftest import ENGINE_SCRIPTS
 
 pytestmark = pytest.mark.slow

@@ -84,6 +84,6 @@ def fake_openai():
 @pytest.fixture
 def dead_url():
     """A URL where nothing listens."""
-    from demo.server import free_port
+    from offline_search.evaluation.vllm_server import free_port
 
     return f"http://127.0.0.1:{free_port()}"

@@ -97,8 +97,8 @@ def test_chat_messages_show_each_image_once():
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"max_tokens": 0}, r"max_tokens=0 must be >= 1"),
-    ({"history_turns": -1}, r"history_turns=-1 must be >= 0"),
+    ({"max_tokens": 0}, r"^max_tokens = 0: must be greater than or equal to 1$"),
+    ({"history_turns": -1}, r"^history_turns = -1: must be greater than or equal to 0$"),
     ({"examples": (Example(Path("nope.png"), "Q"),)}, r"example image nope.png: no such file"),
 ])
 def test_app_config_errors(overrides, message):
@@ -107,11 +107,11 @@ def test_app_config_errors(overrides, message):
 
 
 def test_app_builds_with_and_without_an_artifact(tmp_path, image):
-    from offline_search.model_registry import resolve_model
-    from vllm_adaspkv.artifact import BaseModel, LayerPlan, Plan, write_artifact
+    from offline_search.data.bundled_models import resolve_model
+    from vllm_adaspkv.format import BaseCheckpoint, LayerPlan, Plan, write_artifact
 
-    plan = Plan(base_model=BaseModel(str(resolve_model("shapes-llava")), "0" * 64), metric="none",
-                layers=tuple(LayerPlan({}, kv_bits=b) for b in (8, 6, 6, 4)))
+    plan = Plan(base_model=BaseCheckpoint(path=str(resolve_model("shapes-llava")), sha256="0" * 64), metric="none",
+                layers=tuple(LayerPlan(sparsity={}, kv_bits=b) for b in (8, 6, 6, 4)))
     artifact = write_artifact(tmp_path / "art", plan)
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -21,9 +21,9 @@ import pytest
 
 from demo.app import CHAT_ID, IMAGE_ID, QUESTION_ID, SEND_ID, STATS_ID, STATUS_ID, AppConfig, launch
 from demo.launch import DemoConfig, resolve_artifact, serving, shapes_examples
-from demo.server import free_port
-from offline_search import shapes_vqa
-from offline_search.model_registry import resolve_model
+from offline_search.data import shapes_vqa
+from offline_search.data.bundled_models import resolve_model
+from offline_search.evaluation.vllm_server import free_port
 from tests.conftest import REPO
 
 INSTALL_HINT = ("Debian's Chromium is needed for the browser test: `apt-get install -y chromium` "

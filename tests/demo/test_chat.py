@@ -4,8 +4,17 @@ import io
 import pytest
 from PIL import Image
 
-from demo.chat import (MAX_IMAGE_BYTES, MAX_IMAGE_SIDE, AnswerStats, DemoError, Endpoint, build_messages,
-                       checked_image_url, served_model, stream_answer)
+from demo.chat import (
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_SIDE,
+    AnswerStats,
+    DemoError,
+    Endpoint,
+    build_messages,
+    checked_image_url,
+    served_model,
+    stream_answer,
+)
 from tests.demo.conftest import FakeOpenAI
 
 
@@ -82,7 +91,7 @@ def test_messages_put_the_image_with_the_first_question():
 
 def test_endpoint_normalises_the_url_and_checks_it():
     assert Endpoint("http://h:1/v1/").url == "http://h:1"
-    with pytest.raises(ValueError, match=r"server URL 'h:1': give one such as http://127.0.0.1:8000"):
+    with pytest.raises(ValueError, match=r"^url = 'h:1': give a URL such as http://127.0.0.1:8000$"):
         Endpoint("h:1")
 
 

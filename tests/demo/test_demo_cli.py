@@ -9,14 +9,26 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from demo.launch import (ASSETS, DemoConfig, SearchFailed, check_port, default_artifact_dir, ensure_artifact,
-                         image_and_question, resolve_artifact, search_command, serve_args, serving,
-                         shapes_examples, stop_signals)
-from demo.server import ServerConfig, ServerStartError, VllmServer, free_port
-from offline_search.model_registry import resolve_model
-from offline_search.openai_chat import image_data_url, image_message
-from vllm_adaspkv.artifact import ArtifactError, BaseModel, LayerPlan, Plan, write_artifact
-from vllm_adaspkv.cli import main
+from demo.launch import (
+    ASSETS,
+    DemoConfig,
+    SearchFailed,
+    check_port,
+    default_artifact_dir,
+    ensure_artifact,
+    image_and_question,
+    resolve_artifact,
+    search_command,
+    serve_args,
+    serving,
+    shapes_examples,
+    stop_signals,
+)
+from offline_search.cli.main import main
+from offline_search.data.bundled_models import resolve_model
+from offline_search.evaluation.openai_chat import image_data_url, image_message
+from offline_search.evaluation.vllm_server import ServerConfig, ServerStartError, VllmServer, free_port
+from vllm_adaspkv.format import ArtifactError, BaseCheckpoint, LayerPlan, Plan, write_artifact
 
 PHOTO = ASSETS / "images" / "waterview.jpg"
 SHAPES_LLAVA = resolve_model("shapes-llava")
@@ -28,8 +40,8 @@ def _once(tmp_path, **overrides):
 
 
 def _artifact(path: Path, base: Path) -> Path:
-    plan = Plan(base_model=BaseModel(str(base), "0" * 64), metric="none",
-                layers=tuple(LayerPlan({}, kv_bits=8) for _ in range(4)))
+    plan = Plan(base_model=BaseCheckpoint(path=str(base), sha256="0" * 64), metric="none",
+                layers=tuple(LayerPlan(sparsity={}, kv_bits=8) for _ in range(4)))
     return write_artifact(path, plan)
 
 
@@ -68,16 +80,16 @@ def test_examples_are_shapesvqa_samples_then_photos(tmp_path):
     [
         ({"image": Path("missing.png")}, r"--image missing.png: no such file"),
         ({"question": None}, r"--image .*waterview.jpg needs a --question"),
-        ({"shapes_index": -1}, r"--shapes-index -1: must be >= 0"),
+        ({"shapes_index": -1}, r"^shapes_index = -1: must be greater than or equal to 0$"),
         ({"question": "  "}, r"--question is empty"),
-        ({"max_tokens": 0}, r"--max-tokens 0: must be >= 1"),
-        ({"search_trials": 0}, r"--search-trials 0: must be >= 1"),
-        ({"history_turns": -2}, r"--history-turns -2: must be >= 0"),
-        ({"kv_cache_memory_bytes": 10}, r"--kv-cache-memory-bytes 10: must be >= 1 MiB"),
+        ({"max_tokens": 0}, r"^max_tokens = 0: must be greater than or equal to 1$"),
+        ({"search_trials": 0}, r"^search_trials = 0: must be greater than or equal to 1$"),
+        ({"history_turns": -2}, r"^history_turns = -2: must be greater than or equal to 0$"),
+        ({"kv_cache_memory_bytes": 10}, r"^kv_cache_memory_bytes = 10: must be greater than or equal to 1048576$"),
         ({"once": False}, r"--image and --question go with --once"),
-        ({"server_url": "localhost:8000"}, r"--server-url 'localhost:8000': give a URL such as http://"),
+        ({"server_url": "localhost:8000"}, r"^server_url = 'localhost:8000': give a URL such as http://127.0.0.1:8000$"),
         ({"dense_server_url": "http://h:1"}, r"--dense-server-url goes with --compare-dense"),
-        ({"port": 70000}, r"--port 70000: not a TCP port"),
+        ({"port": 70000}, r"^port = 70000: must be less than 65536$"),
         ({"artifact": "/nonexistent"}, r"--artifact /nonexistent: not an artifact directory \(no adaspkv.json\)"),
     ],
 )
@@ -110,7 +122,7 @@ def test_default_artifact_is_searched_once_per_model(tmp_path):
     assert out == tmp_path / "artifacts" / "shapes-llava"
     assert default_artifact_dir(tmp_path, str(tmp_path / "my-llava/")) == tmp_path / "artifacts" / "my-llava"
     command = search_command("shapes-llava", out, 3)
-    assert command[:3] == [sys.executable, "-m", "vllm_adaspkv.cli"]
+    assert command[:3] == [sys.executable, "-m", "offline_search.cli.main"]
     assert command[3:] == ["search", "--model", "shapes-llava", "--sparsity", "0.5", "--kv-bits-budget", "6",
                            "--trials", "3", "--out", str(out)]
 
@@ -194,8 +206,8 @@ def test_image_data_url_rejects_a_corrupt_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [({"port": 70000}, r"ServerConfig.port=70000 is not a TCP port"),
-     ({"startup_timeout_s": 0}, r"ServerConfig.startup_timeout_s=0 must be > 0")],
+    [({"port": 70000}, r"^port = 70000: must be less than 65536$"),
+     ({"startup_timeout_s": 0}, r"^startup_timeout_s = 0: must be greater than 0$")],
 )
 def test_server_config_errors(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -14,11 +14,10 @@ import sys
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model ships a function
 
 from PIL import Image  # noqa: E402
-from vllm import LLM, SamplingParams  # noqa: E402
 
 # importable by the engine process, which unpickles the function by module name
 from served_zeros import zero_maps  # noqa: E402
-
+from vllm import LLM, SamplingParams  # noqa: E402
 
 if __name__ == "__main__":  # vLLM spawns its engine: the guard is required
     config = json.loads(open(sys.argv[1]).read())

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors import safe_open
 
-from offline_search.masks import keep_mask
-from vllm_adaspkv.artifact import LINEARS, BaseModel, KVQuantScheme, LayerPlan, Plan, mask_key, model_sha256, write_artifact
-from vllm_adaspkv.serving_plan import canonical_key
+from offline_search.core.masks import keep_mask
+from vllm_adaspkv.format import (
+    LINEARS,
+    BaseCheckpoint,
+    KVQuantScheme,
+    LayerPlan,
+    Plan,
+    canonical_key,
+    mask_key,
+    model_sha256,
+    read_geometry,
+    write_artifact,
+)
 
 
 def linear_weights(model_dir: Path) -> dict:
@@ -31,11 +40,11 @@ def make_artifact(out: Path, model_dir: Path, kv_bits: list[int], sparsity: floa
     layers = tuple(LayerPlan(sparsity={name: 1.0 - float(masks[mask_key(i, name)].float().mean())
                                        for name in LINEARS} if sparsity else {}, kv_bits=bits)
                    for i, bits in enumerate(kv_bits))
-    plan = Plan(base_model=BaseModel(path=str(Path(model_dir).resolve()), sha256=model_sha256(model_dir)),
+    plan = Plan(base_model=BaseCheckpoint(path=str(Path(model_dir).resolve()), sha256=model_sha256(model_dir)),
                 layers=layers, metric="magnitude" if sparsity else "none",
                 kv_quant=KVQuantScheme(group_size=group, key_rotation=key_rotation))
     return write_artifact(out, plan, masks or None)
 
 
 def num_layers(model_dir: Path) -> int:
-    return json.loads((Path(model_dir) / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    return read_geometry(model_dir).num_layers

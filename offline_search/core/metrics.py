@@ -1,0 +1,57 @@
+"""Pruning importance scores: pure tensor functions (no model, no I/O).
+
+Every function maps a linear layer's weight W [d_out, d_in] (and, where the metric uses activations,
+the mean squared input of each feature over the calibration tokens, `in_sq` [d_in]) to a score of the
+same shape as W; higher means more important. SparseGPT is not here: it updates weights as it prunes
+(offline_search/core/sparsegpt.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+METRICS = ("magnitude", "wanda", "lognorm", "sparsegpt")
+# Metrics that rank weights inside each output row (Wanda's observation); magnitude ranks the whole
+# matrix as in the Wanda paper's magnitude baseline. SparseGPT selects inside its column blocks.
+PER_ROW = {"magnitude": False, "wanda": True, "lognorm": True, "sparsegpt": False}
+
+
+def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    """|W|: the magnitude baseline's importance of each weight. [d_out, d_in] -> same."""
+    return weight.abs()
+
+
+def wanda_scores(weight: torch.Tensor, in_sq: torch.Tensor) -> torch.Tensor:
+    """Wanda (Sun et al. 2023): |W_ij| * ||X_j||_2. weight [d_out, d_in], in_sq [d_in] -> [d_out, d_in]."""
+    _check(weight, in_sq)
+    return weight.abs() * in_sq.sqrt()[None, :]
+
+
+def lognorm_scores(weight: torch.Tensor, in_sq: torch.Tensor) -> torch.Tensor:
+    """The paper's metric (arXiv 2507.20613): log1p(|W_ij| / ||W_i,:|| + |W_ij| / ||W_:,j||)
+    * (mean ||X_j||^2)^(1/4). The two relative magnitudes keep a weight that is large for its row
+    or for its column; the fourth root damps the activation outliers that dominate Wanda."""
+    _check(weight, in_sq)
+    w = weight.abs().float()  # [d_out, d_in]
+    eps = torch.finfo(torch.float32).tiny  # an all-zero row or column scores 0, not NaN
+    relative = w / w.norm(dim=1, keepdim=True).clamp_min(eps) + w / w.norm(dim=0, keepdim=True).clamp_min(eps)
+    return torch.log1p(relative) * in_sq.float().pow(0.25)[None, :]
+
+
+def activation_scores(metric: str, weight: torch.Tensor, in_sq: torch.Tensor | None) -> torch.Tensor:
+    """The score of `metric` (magnitude, wanda or lognorm) for one weight matrix."""
+    if metric == "magnitude":
+        return magnitude_scores(weight)
+    if in_sq is None:
+        raise ValueError(f"metric {metric!r} needs calibration statistics of the layer's inputs")
+    if metric == "wanda":
+        return wanda_scores(weight, in_sq)
+    if metric == "lognorm":
+        return lognorm_scores(weight, in_sq)
+    raise ValueError(f"metric {metric!r} has no score function; choose from magnitude, wanda, lognorm")
+
+
+def _check(weight: torch.Tensor, in_sq: torch.Tensor) -> None:
+    if weight.dim() != 2 or in_sq.shape != (weight.shape[1],):
+        raise ValueError(f"weight {tuple(weight.shape)} and input statistics {tuple(in_sq.shape)} "
+                         "do not match: expected [d_out, d_in] and [d_in]")

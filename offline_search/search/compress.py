@@ -1,0 +1,136 @@
+"""`adaspkv search` and `adaspkv prune`: calibrate, allocate (or search), mask, export an artifact."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from offline_search.core import allocation
+from offline_search.core.metrics import wanda_scores
+from offline_search.data.bundled_models import resolve_model
+from offline_search.data.calibration_cache import default_cache_dir, load_statistics, save_statistics, statistics_file
+from offline_search.data.checkpoint import load_llava
+from offline_search.model.calibration import CalibrationConfig, calibrate
+from offline_search.model.kv_simulation import apply_kv_plan, remove_kv_plan
+from offline_search.model.llava import model_geometry
+from offline_search.model.objective import Objective
+from offline_search.model.pruner import Pruner
+from offline_search.search.config import CompressConfig
+from offline_search.search.export import export_artifact
+from vllm_adaspkv.format import LINEARS, mask_key, model_sha256
+
+logger = logging.getLogger(__name__)
+
+
+def compress(config: CompressConfig) -> Path:
+    """Runs the whole job and returns the artifact directory."""
+    model_dir = resolve_model(config.model)
+    model, processor = load_llava(model_dir)
+    num_layers = model_geometry(model).num_layers
+    config = config.with_model_layers(num_layers)
+    cache_dir = config.cache_dir or default_cache_dir()
+    stats, cache_file, hit = cached_calibration(model, processor, model_dir, config.calibration, cache_dir,
+                                                config.show_progress)
+    print(f"calibration statistics {'reused from' if hit else 'written to'} {cache_file}")
+    pruner = Pruner(model, stats, config.metric, config.nm, config.amia)
+    objective = Objective(model, processor, config.objective)
+    start = time.perf_counter()
+    dense_value = objective()
+    bare_eval_seconds = time.perf_counter() - start
+    print(f"dense model: {config.objective.describe()} = {dense_value:.6g} ({bare_eval_seconds:.2f} s)")
+
+    sizes = pruner.sizes()
+    layer_weights = [sum(sizes[mask_key(i, name)] for name in LINEARS) for i in range(num_layers)]
+    provenance = {"calibration": {**vars(config.calibration), "cache_file": str(cache_file)},
+                  "objective": config.objective.describe(), "seed": config.seed}
+    study = None
+    kv_bits = [config.kv_bits] * num_layers
+    plan = None if config.allocation == "tpe" else _fixed_plan(config, stats, pruner, num_layers)
+    if config.searches:
+        from offline_search.search.study import chosen_trial, completed_trials, run_search
+
+        if plan is not None:
+            pruner.apply(plan)  # a fixed sparsity plan: only the KV plan changes from trial to trial
+
+        def evaluate_plan(layer_sparsity: list[float] | None, bits: list[int] | None) -> float:
+            if layer_sparsity is not None:
+                pruner.apply(per_linear(layer_sparsity, num_layers))
+            if bits is not None:
+                apply_kv_plan(model, bits, config.kv_group, config.rotate_keys)
+            return objective()
+
+        warm = _warm_start(config, stats, pruner, num_layers) if config.warm_start else None
+        study = run_search(config, layer_weights, evaluate_plan, warm, bare_eval_seconds)
+        best = chosen_trial(study, config)
+        if plan is None:
+            plan = per_linear(_layer_values(config, best.user_attrs["block_sparsity"], num_layers), num_layers)
+        kv_bits = best.user_attrs.get("kv_bits", kv_bits)
+        provenance |= {"study_name": study.study_name, "storage": config.storage_url(),
+                       "trial": best.number, "objective_values": best.values,
+                       "trials_completed": completed_trials(study),
+                       "timing": study.user_attrs.get("timing")}
+    masks = pruner.apply(plan)
+    if any(b != 16 for b in kv_bits):
+        apply_kv_plan(model, kv_bits, config.kv_group, config.rotate_keys)
+    value = objective()
+    evaluation = {"objective": config.objective.describe(), "dense": dense_value, "pruned": value}
+    print(f"compressed model: {config.objective.describe()} = {value:.6g}")
+    if any(b != 16 for b in kv_bits):
+        remove_kv_plan(model)  # the checkpoint, if written, holds weights only
+    return export_artifact(config, model, processor, model_dir, masks, kv_bits, provenance, evaluation, study)
+
+
+def cached_calibration(model, processor, model_dir: Path, config: CalibrationConfig,
+                       cache_dir: Path, show_progress: bool = True) -> tuple[dict, Path, bool]:
+    """(statistics, cache file, whether it was a cache hit): calibrated once per model and settings."""
+    path = statistics_file(cache_dir, config.cache_key(model_sha256(model_dir)))
+    stats = load_statistics(path)
+    if stats is not None:
+        return stats, path, True
+    stats = calibrate(model, processor, config, show_progress)
+    save_statistics(path, stats)
+    logger.info("calibration statistics cached in %s", path)
+    return stats, path, False
+
+
+def per_linear(layer_sparsity: list[float], num_layers: int) -> dict[str, float]:
+    """Per-layer sparsity -> the same sparsity for every pruned linear of that layer."""
+    return {mask_key(i, name): layer_sparsity[i] for i in range(num_layers) for name in LINEARS}
+
+
+def _layer_values(config: CompressConfig, block_values: list[float], num_layers: int) -> list[float]:
+    return allocation.expand_blocks(block_values, allocation.layer_blocks(num_layers, config.blocks))
+
+
+def _owl_layers(stats: dict, pruner: Pruner, sparsity: float, num_layers: int) -> list[float]:
+    # OWL measures outliers in Wanda scores, whatever metric then ranks the weights.
+    shares = [allocation.outlier_share([wanda_scores(pruner.dense[mask_key(i, n)], stats[mask_key(i, n)]["in_sq"])
+                                        for n in LINEARS]) for i in range(num_layers)]
+    return allocation.owl_plan(shares, sparsity)
+
+
+def _das_linears(stats: dict, pruner: Pruner, sparsity: float) -> dict[str, float]:
+    keys = list(pruner.dense)
+    sizes = [pruner.dense[k].numel() for k in keys]
+    return dict(zip(keys, allocation.das_plan(sizes, [stats[k]["diversity"] for k in keys], sparsity)))
+
+
+def _fixed_plan(config: CompressConfig, stats: dict, pruner: Pruner, num_layers: int) -> dict[str, float]:
+    if config.allocation == "owl":
+        return per_linear(_owl_layers(stats, pruner, config.sparsity, num_layers), num_layers)
+    if config.allocation == "das":
+        return _das_linears(stats, pruner, config.sparsity)
+    return per_linear(allocation.uniform_plan(num_layers, config.sparsity), num_layers)
+
+
+def _warm_start(config: CompressConfig, stats: dict, pruner: Pruner, num_layers: int) -> list[float]:
+    """The OWL or DAS plan as block values on the search grid."""
+    if config.warm_start == "owl":
+        layers = _owl_layers(stats, pruner, config.sparsity, num_layers)
+    else:
+        das = _das_linears(stats, pruner, config.sparsity)
+        layers = [sum(das[mask_key(i, n)] * pruner.dense[mask_key(i, n)].numel() for n in LINEARS)
+                  / sum(pruner.dense[mask_key(i, n)].numel() for n in LINEARS) for i in range(num_layers)]
+    grid = allocation.block_grid(config.sparsity, config.radius, config.step)
+    return allocation.block_means(layers, allocation.layer_blocks(num_layers, config.blocks), grid)

@@ -1,0 +1,125 @@
+"""The configuration of `adaspkv search` and `adaspkv prune`: one frozen, validated model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Literal, get_args
+
+from pydantic import Field, field_validator, model_validator
+
+from offline_search.core.kv_plans import check_choices
+from offline_search.model.calibration import CalibrationConfig
+from offline_search.model.objective import ObjectiveConfig
+from vllm_adaspkv.format import StrictModel
+from vllm_adaspkv.format.schema import KeyRotation
+from vllm_adaspkv.format.strict import LaxPath, int_choice
+from vllm_adaspkv.kv.quant import KV_BITS
+
+Metric = Literal["magnitude", "wanda", "lognorm", "sparsegpt"]
+Allocation = Literal["uniform", "owl", "das", "tpe"]
+ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
+KVSearch = Literal["none", "split", "budget", "pareto"]
+KV_SEARCHES: tuple[str, ...] = get_args(KVSearch)
+DEFAULT_BLOCKS = 8
+
+
+class CompressConfig(StrictModel):
+    model: str  # bundled name or checkpoint directory
+    out: LaxPath  # the artifact directory (also holds the study database by default)
+    sparsity: Annotated[float, Field(ge=0.0, lt=1.0)]
+    metric: Metric
+    allocation: Allocation = "tpe"
+    nm: tuple[int, int] | None = None  # N of every M pruned, e.g. (2, 4)
+    blocks: Annotated[int, Field(ge=1)] | None = None  # None: 8, or one per layer when the model has fewer
+    trials: Annotated[int, Field(ge=1)] = 50
+    storage: str | None = None  # Optuna storage URL; default sqlite:///OUT/study.db
+    study_name: str | None = None
+    seed: int = 0
+    warm_start: Literal["owl", "das"] | None = None  # enqueue the OWL or DAS plan after the uniform one
+    amia: bool = False  # TAMP's token selection feeds the activation norms
+    radius: Annotated[float, Field(gt=0.0)] = 0.05  # block sparsities S - radius ... S + radius
+    step: Annotated[float, Field(gt=0.0)] = 0.025
+    objective: ObjectiveConfig = ObjectiveConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    kv_bits: int_choice(KV_BITS) = 16  # every layer's KV bits when they are not searched
+    kv_search: KVSearch = "none"  # split: half 8-bit, half 6-bit; budget: mean <= kv_bits_budget; pareto
+    kv_bits_budget: float | None = None
+    kv_choices: tuple[int, ...] = (2, 4, 6, 8, 16)  # ascending after validation
+    kv_group: Annotated[int, Field(ge=1)] = 32  # quantization group along the head dimension
+    kv_key_rotation: KeyRotation = "none"
+    full_checkpoint: bool = False
+    cache_dir: LaxPath | None = None  # default: $ADASPKV_CACHE_DIR or ~/.cache/adaspkv
+    show_progress: bool = True
+
+    @field_validator("kv_choices")
+    @classmethod
+    def _known_choices(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        check_choices(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CompressConfig:
+        if self.nm is not None:
+            n, m = self.nm
+            if self.allocation != "uniform":
+                raise ValueError(f"--nm {n}:{m} prunes every matrix at exactly {n}/{m}; it cannot be "
+                                 f"combined with a per-layer allocation (--allocation {self.allocation})")
+            if not math.isclose(self.sparsity, n / m):
+                raise ValueError(f"--nm {n}:{m} means sparsity {n / m:g}, but --sparsity is {self.sparsity}")
+        if self.kv_search == "budget" and self.kv_bits_budget is None:
+            raise ValueError("--kv-search budget needs --kv-bits-budget B (mean bits per layer at most B)")
+        if self.kv_bits_budget is not None and self.kv_bits_budget < min(self.kv_choices):
+            raise ValueError(f"--kv-bits-budget {self.kv_bits_budget:g} is below the narrowest choice, "
+                             f"{min(self.kv_choices)} bits")
+        if self.kv_search != "none" and self.kv_bits != 16:
+            raise ValueError("--kv-bits sets one width for every layer; it cannot be combined with --kv-search")
+        if self.warm_start is not None and self.allocation != "tpe":
+            raise ValueError("--warm-start seeds a TPE search: use it with --allocation tpe")
+        if self.amia and self.metric not in ("wanda", "lognorm"):
+            raise ValueError(f"--amia selects the tokens of Wanda's and lognorm's activation term; "
+                             f"metric {self.metric!r} has none")
+        need = {"hessian": self.metric == "sparsegpt", "diversity": self.uses_das, "amia": self.amia}
+        for name, needed in need.items():
+            if needed and not getattr(self.calibration, name):
+                raise ValueError(f"calibration must collect {name} for these settings")
+        return self
+
+    @property
+    def searches(self) -> bool:
+        return self.allocation == "tpe" or self.kv_search != "none"
+
+    @property
+    def rotate_keys(self) -> bool:
+        return self.kv_key_rotation == "hadamard"
+
+    @property
+    def uses_das(self) -> bool:
+        return self.allocation == "das" or self.warm_start == "das"
+
+    @property
+    def structure(self) -> str:
+        return f"{self.nm[0]}:{self.nm[1]}" if self.nm else "unstructured"
+
+    def with_model_layers(self, num_layers: int) -> CompressConfig:
+        """Resolves the default block count against the model: the paper's 8, at most one per layer."""
+        return self if self.blocks is not None else self.replace(blocks=min(DEFAULT_BLOCKS, num_layers))
+
+    def default_study_name(self) -> str:
+        if self.study_name:
+            return self.study_name
+        kv = "" if self.kv_search == "none" else f"-kv{self.kv_search}{self.kv_bits_budget or ''}"
+        weights = f"s{self.sparsity:g}-b{self.blocks}" if self.allocation == "tpe" else f"s{self.sparsity:g}-{self.allocation}"
+        return f"adaspkv-{self.metric}-{weights}{kv}-seed{self.seed}"
+
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(Path(self.out) / 'study.db').resolve()}"
+
+    def search_settings(self) -> dict:
+        """What a resumed study must share with the run that started it."""
+        return {"sparsity": self.sparsity, "metric": self.metric, "blocks": self.blocks,
+                "radius": self.radius, "step": self.step, "amia": self.amia,
+                "objective": self.objective.describe(), "calibration": repr(self.calibration),
+                "allocation": self.allocation, "kv_search": self.kv_search, "kv_bits_budget": self.kv_bits_budget,
+                "kv_choices": list(self.kv_choices), "kv_group": self.kv_group,
+                "kv_key_rotation": self.kv_key_rotation}

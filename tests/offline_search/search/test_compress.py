@@ -1,0 +1,214 @@
+"""adaspkv prune / search end to end on the test kit's tiny LLaVA (in process, seconds each)."""
+
+import json
+
+import optuna
+import pytest
+import torch
+
+import vllm_adaspkv.format as art
+from offline_search.cli.main import main
+from offline_search.data.checkpoint import load_llava
+from offline_search.model.calibration import CalibrationConfig, calibrate
+from offline_search.model.pruner import Pruner
+
+
+def small_run(tiny_llava_dir, out, cache, *extra):
+    return ["--model", str(tiny_llava_dir), "--out", str(out), "--cache-dir", str(cache),
+            "--calibration-windows", "2", "--calibration-samples", "2",
+            "--objective-windows", "2", "--objective-samples", "2", *extra]
+
+
+def weight_sizes(model_dir):
+    model, _ = load_llava(model_dir)
+    return {n: model.model.language_model.layers[0].get_submodule(n).weight.numel() for n in art.LINEARS}
+
+
+def test_pruner_touches_only_language_model_linears_and_restores(tiny_llava_dir):
+    model, processor = load_llava(tiny_llava_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = calibrate(model, processor, CalibrationConfig(text_windows=1, image_samples=1), show_progress=False)
+    pruner = Pruner(model, stats, "wanda")
+    masks = pruner.apply(dict.fromkeys(pruner.linears, 0.5))
+    pruned = {f"model.language_model.layers.{k.split('layers.')[1]}" for k in masks}
+    for key, value in model.state_dict().items():
+        if key in pruned:
+            assert (value == 0).float().mean() == pytest.approx(0.5), key
+        else:
+            assert torch.equal(value, before[key]), key
+    pruner.restore()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_prune_writes_a_valid_artifact(tiny_llava_dir, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["prune", *small_run(tiny_llava_dir, out, tmp_path / "cache"),
+                 "--metric", "wanda", "--sparsity", "0.5"]) == 0
+    plan = art.read_plan(out)
+    masks = art.read_masks(out, plan)
+    assert plan.metric == "wanda" and plan.allocation == "uniform" and not plan.full_checkpoint
+    assert plan.mean_sparsity(weight_sizes(tiny_llava_dir)) == pytest.approx(0.5, abs=0.005)
+    assert len(masks) == plan.num_layers() * len(art.LINEARS)
+    assert {"report.md", "sparsity_per_layer.png"} <= {p.name for p in out.iterdir()}
+    assert "written to" in capsys.readouterr().out  # the calibration was computed...
+    main(["prune", *small_run(tiny_llava_dir, tmp_path / "art2", tmp_path / "cache"),
+          "--metric", "lognorm", "--sparsity", "0.5"])
+    assert "reused from" in capsys.readouterr().out  # ...and reused by the next run
+
+
+def test_search_resumes_and_keeps_finished_trials(tiny_llava_dir, tmp_path, capsys):
+    out = tmp_path / "art"
+    args = [*small_run(tiny_llava_dir, out, tmp_path / "cache"), "--metric", "lognorm",
+            "--sparsity", "0.5", "--blocks", "2"]
+    assert main(["search", *args, "--trials", "2"]) == 0
+    study = optuna.load_study(study_name="adaspkv-lognorm-s0.5-b2-seed0", storage=f"sqlite:///{out}/study.db")
+    first = [(t.params, t.value) for t in study.trials]
+    assert first[0][0] == {"block_0": 0, "block_1": 0}  # the uniform plan is the first trial
+    assert main(["search", *args, "--trials", "4"]) == 0
+    study = optuna.load_study(study_name="adaspkv-lognorm-s0.5-b2-seed0", storage=f"sqlite:///{out}/study.db")
+    assert [(t.params, t.value) for t in study.trials[:2]] == first
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 4
+    printed = capsys.readouterr().out
+    assert "x one bare evaluation" in printed
+    plan = art.read_plan(out)
+    assert plan.allocation == "tpe" and plan.provenance["trials_completed"] == 4
+    assert plan.mean_sparsity(weight_sizes(tiny_llava_dir)) == pytest.approx(0.5, abs=0.005)
+    assert (out / "optimization_history.png").is_file()
+    with pytest.raises(SystemExit, match="was started with other settings \\(objective\\)"):
+        main(["search", *args, "--objective-windows", "3", "--trials", "4"])
+
+
+def test_sparsegpt_and_two_four(tiny_llava_dir, tmp_path):
+    out = tmp_path / "sgpt"
+    main(["prune", *small_run(tiny_llava_dir, out, tmp_path / "cache"), "--metric", "sparsegpt",
+          "--sparsity", "0.5", "--nm", "2:4"])
+    plan = art.read_plan(out)
+    assert plan.full_checkpoint and plan.structure == "2:4"
+    pruned, _ = load_llava(out)  # the checkpoint carries SparseGPT's updated weights
+    weight = pruned.model.language_model.layers[0].mlp.up_proj.weight
+    assert ((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all()
+
+
+def test_das_with_amia_and_owl(tiny_llava_dir, tmp_path):
+    main(["prune", *small_run(tiny_llava_dir, tmp_path / "das", tmp_path / "cache"), "--metric", "wanda",
+          "--sparsity", "0.5", "--allocation", "das", "--amia"])
+    plan = art.read_plan(tmp_path / "das")
+    per_matrix = {s for layer in plan.layers for s in layer.sparsity.values()}
+    assert len(per_matrix) > 1  # matrices get their own sparsity
+    assert plan.mean_sparsity(weight_sizes(tiny_llava_dir)) == pytest.approx(0.5, abs=0.005)
+    assert max(per_matrix) <= 0.6 + 1e-6  # no matrix beyond S + 0.1
+    main(["prune", *small_run(tiny_llava_dir, tmp_path / "owl", tmp_path / "cache"), "--metric", "wanda",
+          "--sparsity", "0.5", "--allocation", "owl"])
+    owl = art.read_plan(tmp_path / "owl")
+    assert owl.mean_sparsity(weight_sizes(tiny_llava_dir)) == pytest.approx(0.5, abs=0.005)
+
+
+def test_eval_applies_an_artifact_and_rejects_another_models(tiny_llava_dir, tmp_path):
+    out = tmp_path / "art"
+    main(["prune", *small_run(tiny_llava_dir, out, tmp_path / "cache"), "--metric", "magnitude", "--sparsity", "0.5"])
+    dense = tmp_path / "dense.json"
+    sparse = tmp_path / "sparse.json"
+    common = ["eval", "--model", str(tiny_llava_dir), "--tasks", "wikitext2", "--limit", "2"]
+    main([*common, "--json", str(dense)])
+    main([*common, "--artifact", str(out), "--json", str(sparse)])
+    assert json.loads(sparse.read_text())["wikitext2_ppl"] != json.loads(dense.read_text())["wikitext2_ppl"]
+    # the same masks with a 2-bit KV plan: eval simulates the cache with the serving quantizer
+    plan = art.read_plan(out)
+    kv = plan.replace(layers=tuple(layer.replace(kv_bits=2) for layer in plan.layers))
+    art.write_artifact(tmp_path / "kv2", kv, art.read_masks(out, plan))
+    quantized = tmp_path / "kv2.json"
+    main([*common, "--artifact", str(tmp_path / "kv2"), "--json", str(quantized)])
+    assert json.loads(quantized.read_text())["wikitext2_ppl"] != json.loads(sparse.read_text())["wikitext2_ppl"]
+    from offline_search.kit.tiny_llava import TinyLlavaSpec, make_tiny_llava
+
+    other = make_tiny_llava(tmp_path / "other", TinyLlavaSpec(seed=1))
+    with pytest.raises(SystemExit, match="this artifact was made from another model"):
+        main(["eval", "--model", str(other), "--artifact", str(out), "--tasks", "wikitext2", "--limit", "1"])
+
+
+def test_warm_start_and_answer_objective(tiny_llava_dir, tmp_path):
+    out = tmp_path / "art"
+    assert main(["search", *small_run(tiny_llava_dir, out, tmp_path / "cache"), "--metric", "wanda",
+                 "--sparsity", "0.5", "--blocks", "2", "--trials", "2", "--warm-start", "owl",
+                 "--objective", "mix", "--objective-weight", "0.5"]) == 0
+    study = optuna.load_study(study_name="adaspkv-wanda-s0.5-b2-seed0", storage=f"sqlite:///{out}/study.db")
+    uniform, warm = study.trials[:2]
+    assert uniform.params == {"block_0": 0, "block_1": 0}
+    # the OWL plan, block-averaged and snapped to the grid (offsets in steps of 0.025)
+    from offline_search.core import allocation
+    from offline_search.search.compress import _owl_layers, cached_calibration
+
+    model, processor = load_llava(tiny_llava_dir)
+    stats, _, hit = cached_calibration(model, processor, tiny_llava_dir,
+                                       CalibrationConfig(text_windows=2, image_samples=2), tmp_path / "cache")
+    assert hit
+    layers = _owl_layers(stats, Pruner(model, stats, "wanda"), 0.5, model.config.text_config.num_hidden_layers)
+    grid = allocation.block_grid(0.5)
+    expected = allocation.block_means(layers, allocation.layer_blocks(len(layers), 2), grid)
+    assert [0.5 + 0.025 * warm.params[f"block_{b}"] for b in range(2)] == pytest.approx(expected)
+    plan = art.read_plan(out)
+    assert "answer NLL" in plan.evaluation["objective"] and plan.evaluation["pruned"] > 0
+
+
+def test_eval_of_a_kv_only_artifact(tiny_llava_dir, tmp_path):
+    layers = load_llava(tiny_llava_dir)[0].config.text_config.num_hidden_layers
+    plan = art.Plan(base_model=art.BaseCheckpoint(path=str(tiny_llava_dir), sha256=art.model_sha256(tiny_llava_dir)), metric="none",
+                    layers=tuple(art.LayerPlan(sparsity=dict.fromkeys(art.LINEARS, 0.0), kv_bits=4) for _ in range(layers)))
+    art.write_artifact(tmp_path / "kv4", plan)  # no masks: nothing is pruned
+    common = ["eval", "--model", str(tiny_llava_dir), "--tasks", "wikitext2", "--limit", "2"]
+    main([*common, "--json", str(tmp_path / "dense.json")])
+    main([*common, "--artifact", str(tmp_path / "kv4"), "--json", str(tmp_path / "kv4.json")])
+    dense, kv4 = (json.loads((tmp_path / f).read_text())["wikitext2_ppl"] for f in ("dense.json", "kv4.json"))
+    assert kv4 != dense
+    masked = plan.replace(layers=tuple(layer.replace(sparsity=dict.fromkeys(art.LINEARS, 0.5))
+                                       for layer in plan.layers))
+    art.write_artifact(tmp_path / "broken", masked)  # sparsity claimed, masks missing
+    with pytest.raises(SystemExit, match="broken: no masks.safetensors"):
+        main([*common, "--artifact", str(tmp_path / "broken")])
+
+
+@pytest.mark.parametrize(("mode", "extra"), [
+    ("budget", ["--kv-bits-budget", "5"]),
+    ("split", ["--kv-search", "split"]),
+    ("pareto", ["--kv-search", "pareto", "--kv-bits-budget", "8"]),
+])
+def test_kv_search_modes(tiny_llava_dir, tmp_path, mode, extra):
+    out = tmp_path / mode
+    assert main(["search", *small_run(tiny_llava_dir, out, tmp_path / "cache"), "--sparsity", "0.5",
+                 "--blocks", "2", "--trials", "4", *extra]) == 0
+    plan = art.read_plan(out)
+    bits = [layer.kv_bits for layer in plan.layers]
+    assert plan.mean_sparsity(weight_sizes(tiny_llava_dir)) == pytest.approx(0.5, abs=0.005)
+    if mode == "budget":
+        assert plan.mean_kv_bits() <= 5
+    elif mode == "split":
+        assert sorted(bits) == sorted([8] * (len(bits) // 2) + [6] * (len(bits) - len(bits) // 2))
+    else:
+        assert plan.mean_kv_bits() <= 8 and (out / "pareto_front.png").is_file()
+    assert (out / "kv_bits_per_layer.png").is_file() == any(b != 16 for b in bits)
+    assert plan.kv_quant.group_size == 32
+
+
+def test_kv_only_search_writes_no_masks(tiny_llava_dir, tmp_path):
+    out = tmp_path / "kv"
+    main(["search", *small_run(tiny_llava_dir, out, tmp_path / "cache"), "--sparsity", "0",
+          "--allocation", "uniform", "--kv-bits-budget", "4", "--trials", "3", "--objective", "kl"])
+    plan = art.read_plan(out)
+    assert plan.mean_kv_bits() <= 4 and not (out / art.MASK_FILE).exists()
+    assert "KL" in plan.evaluation["objective"] and plan.evaluation["dense"] == 0 < plan.evaluation["pruned"]
+    assert all(s == 0 for layer in plan.layers for s in layer.sparsity.values())
+
+
+@pytest.mark.slow
+def test_the_issue_command_on_shapes_llava(tmp_path, capsys):
+    """adaspkv search --model shapes-llava --sparsity 0.5 --metric lognorm --trials 3 --out DIR
+    (plus --kv-bits-budget 6): on target, one KV entry per decoder layer within the budget."""
+    out = tmp_path / "art"
+    assert main(["search", "--model", "shapes-llava", "--sparsity", "0.5", "--metric", "lognorm",
+                 "--trials", "3", "--kv-bits-budget", "6", "--out", str(out), "--cache-dir", str(tmp_path)]) == 0
+    plan = art.read_plan(out)
+    from offline_search.data.bundled_models import resolve_model
+
+    assert plan.mean_sparsity(weight_sizes(resolve_model("shapes-llava"))) == pytest.approx(0.5, abs=0.005)
+    assert plan.num_layers() == 4 and plan.mean_kv_bits() <= 6
+    assert "x one bare evaluation" in capsys.readouterr().out

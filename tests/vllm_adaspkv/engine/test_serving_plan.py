@@ -1,0 +1,186 @@
+"""The front end's checks of an artifact, the start-up table and the load-time zero count (no engine)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tests.vllm_adaspkv.artifacts import linear_weights, make_artifact
+from vllm_adaspkv.engine.serving_plan import kv_formats, open_artifact, startup_table
+from vllm_adaspkv.format import (
+    MASK_FILE,
+    PLAN_FILE,
+    ArtifactError,
+    Plan,
+    ZeroCount,
+    canonical_key,
+    is_artifact,
+    mask_key,
+    read_plan,
+)
+from vllm_adaspkv.kv.paged import KVFormat
+
+
+@pytest.fixture
+def artifact(tmp_path, tiny_llava_dir):
+    return make_artifact(tmp_path / "art", tiny_llava_dir, [8, 4], sparsity=0.5)
+
+
+def rewrite_plan(art, **changes):
+    data = json.loads((art / PLAN_FILE).read_text())
+    for key, value in changes.items():
+        target = data
+        *path, last = key.split(".")
+        for part in path:
+            target = target[int(part)] if part.isdigit() else target[part]
+        target[last] = value
+    (art / PLAN_FILE).write_text(json.dumps(data))
+
+
+def test_open_artifact_serves_the_base_model(artifact, tiny_llava_dir):
+    served = open_artifact(artifact)
+    assert is_artifact(artifact) and not is_artifact(tiny_llava_dir)
+    assert served.model_dir == tiny_llava_dir.resolve()
+    assert (served.geometry.head_dim, served.geometry.num_kv_heads, served.geometry.num_layers) == (32, 2, 2)
+    assert kv_formats(served) == [KVFormat(8, 32, 32), KVFormat(4, 32, 32)]
+
+
+def test_sixteen_bit_layers_keep_vllms_cache(tmp_path, tiny_llava_dir):
+    served = open_artifact(make_artifact(tmp_path / "a", tiny_llava_dir, [16, 2]))
+    assert kv_formats(served) == [None, KVFormat(2, 32, 32)]
+
+
+def test_startup_table_by_hand(tmp_path, tiny_llava_dir):
+    served = open_artifact(make_artifact(tmp_path / "a", tiny_llava_dir, [16, 4]))
+    table = startup_table(served, dense_element_bytes=2, budget_bytes=1 << 20, block_size=16)
+    # 16-bit layer: 2 KV heads x (K + V) x 32 x 2 bytes = 256; 4-bit: 2 x 2 x (16 codes + 4 scale bytes) = 80
+    assert "    0      16         256    0.000" in table
+    assert "    1       4          80    0.000" in table
+    assert "KV bytes per token: 336 (16-bit cache: 512)" in table and "1.52x" in table
+    # 2^20 / (16 x 336) = 195 whole blocks of 16 tokens; 2^20 / (16 x 512) = 128 blocks
+    assert "KV budget 1048576 bytes: 3120 tokens (16-bit cache: 2048)" in table
+
+
+def test_zero_count_checks_every_linear_against_the_plan(artifact):
+    plan = read_plan(artifact)
+    weights = linear_weights(open_artifact(artifact).model_dir)
+    key = mask_key(0, "self_attn.q_proj")
+    count = ZeroCount(plan)
+    count.observe(key, weights[key])  # not masked: no zeros, the plan says 0.5
+    count.observe("language_model.model.layers.0.input_layernorm.weight", torch.zeros(4))  # not a linear
+    with pytest.raises(ArtifactError, match=r"layer 0 self_attn.q_proj was loaded with sparsity 0.0000; "
+                                            r"adaspkv.json says 0.5000"):
+        count.check("adaspkv.json")
+    half = weights[key].clone()
+    half.view(-1)[: half.numel() // 2] = 0
+    count.observe(key, half)
+    count.check("adaspkv.json")
+
+
+def test_canonical_key_maps_the_new_llava_hf_layout():
+    assert canonical_key("model.language_model.layers.3.mlp.up_proj.weight") == mask_key(3, "mlp.up_proj")
+    assert canonical_key(mask_key(3, "mlp.up_proj")) == mask_key(3, "mlp.up_proj")
+
+
+def test_missing_plan_file(tmp_path):
+    with pytest.raises(ArtifactError, match=r"not an adaspkv artifact \(no adaspkv.json\)"):
+        open_artifact(tmp_path)
+
+
+def test_missing_masks_file(artifact):
+    (artifact / MASK_FILE).unlink()
+    with pytest.raises(ArtifactError, match=r"no masks.safetensors"):
+        open_artifact(artifact)
+
+
+def test_wrong_layer_count(tmp_path, tiny_llava_dir):
+    art = make_artifact(tmp_path / "a", tiny_llava_dir, [8, 8])
+    data = json.loads((art / PLAN_FILE).read_text())
+    data["layers"].append(data["layers"][0])
+    (art / PLAN_FILE).write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=r"layers has 3 entries; the model has 2 decoder layers"):
+        open_artifact(art)
+
+
+def test_bits_not_allowed(artifact):
+    rewrite_plan(artifact, **{"layers.1.kv_bits": 3})
+    with pytest.raises(ArtifactError, match=r"layers\[1\]\.kv_bits = 3: allowed 16, 8, 6, 4 or 2$"):
+        open_artifact(artifact)
+
+
+def test_masks_of_the_wrong_shape(tmp_path, tiny_llava_dir):
+    other = make_artifact(tmp_path / "other", tiny_llava_dir, [8, 4], sparsity=0.5)
+    masks_file = other / MASK_FILE
+    # a mask file whose q_proj mask is transposed, consistent with itself and the plan
+    from vllm_adaspkv.format import read_masks, write_artifact
+    masks = read_masks(other)
+    key = mask_key(0, "self_attn.q_proj")
+    masks[key] = masks[key].t().contiguous()
+    write_artifact(other, read_plan(other), masks)
+    assert masks_file.is_file()
+    with pytest.raises(ArtifactError, match=rf"mask {key} has shape \(64, 128\), the weight \(128, 64\)"):
+        open_artifact(other)
+
+
+def test_other_base_model(tmp_path, tiny_llava_dir, artifact):
+    base = tmp_path / "base-copy"
+    shutil.copytree(tiny_llava_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    config["text_config"]["rms_norm_eps"] = 1e-3
+    (base / "config.json").write_text(json.dumps(config))
+    rewrite_plan(artifact, **{"base_model.path": str(base)})
+    with pytest.raises(ArtifactError, match=r"this artifact was made from another model"):
+        open_artifact(artifact)
+
+
+def test_base_model_gone(artifact, tmp_path):
+    rewrite_plan(artifact, **{"base_model.path": str(tmp_path / "nowhere")})
+    with pytest.raises(ArtifactError, match=r"has no config.json .*export with --full-checkpoint"):
+        open_artifact(artifact)
+
+
+def test_unsupported_architecture(tmp_path, tiny_llava_dir):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llava_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    config["architectures"] = ["Qwen2VLForConditionalGeneration"]
+    (base / "config.json").write_text(json.dumps(config))
+    art = make_artifact(tmp_path / "a", base, [8, 8])
+    with pytest.raises(ArtifactError, match=r"architectures = \['Qwen2VLForConditionalGeneration'\]; the adaspkv "
+                                            r"plugin serves LlavaForConditionalGeneration only"):
+        open_artifact(art)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"kv_quant.symmetric": True}, r"symmetric=True, scale_dtype='float16': the serving quantizer stores "
+                                   r"asymmetric codes with float16 scales only"),
+    ({"kv_quant.group_size": 24}, r"cannot be served for head_dim 32: KV group size 24 must divide head_dim 32"),
+])
+def test_schemes_the_backend_cannot_serve(artifact, change, message):
+    rewrite_plan(artifact, **change)
+    with pytest.raises(ArtifactError, match=message):
+        open_artifact(artifact)
+
+
+def test_plan_round_trip_is_unchanged_by_opening(artifact):
+    before = (artifact / PLAN_FILE).read_text()
+    open_artifact(artifact)
+    assert (artifact / PLAN_FILE).read_text() == before
+    assert isinstance(read_plan(artifact), Plan)
+
+
+@pytest.mark.parametrize("tokenizer", [None, "artifact", "other"])
+def test_routing_serves_the_base_model_and_its_tokenizer(artifact, tiny_llava_dir, tmp_path, tokenizer):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_adaspkv.engine.routing import route_artifact
+
+    given = {"artifact": str(artifact), "other": str(tmp_path / "tok")}.get(tokenizer)
+    args = EngineArgs(model=str(artifact), tokenizer=given)
+    route_artifact(args)
+    assert args.model == str(tiny_llava_dir.resolve())
+    assert args.served_model_name == str(artifact)
+    assert args.hf_overrides["architectures"] == ["AdaspkvLlavaForConditionalGeneration"]
+    # --tokenizer ART_DIR (what `vllm bench` sets by default) means the base model's tokenizer
+    assert args.tokenizer == (given if tokenizer == "other" else str(tiny_llava_dir.resolve()))

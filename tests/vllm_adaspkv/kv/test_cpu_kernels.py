@@ -1,0 +1,58 @@
+"""The C++ CPU kernels (vllm_adaspkv.kv.cpu_kernels) against the PyTorch reference: the shared KV
+kernel cases (kv_kernel_cases.py: every bit width, both page layouts, garbage pages, permuted
+block tables, GQA ratios, mixed prefill/decode batches), plus a decode batch as a serving step
+sees it. The first test to run builds the extension (about a minute; cached afterwards)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.vllm_adaspkv.kv.kernel_cases import (  # noqa: F401  (the tests)
+    KV_HEADS,
+    garbage_cache,
+    test_attend_matches_paged_kv_attend,
+    test_nothing_to_do,
+    test_write_is_byte_for_byte_paged_kv_write,
+    test_write_then_attend_round_trip,
+)
+from vllm_adaspkv.kv import cpu_kernels, paged
+from vllm_adaspkv.kv.paged import KVFormat
+
+
+@pytest.fixture
+def ops():
+    cpu_kernels.load()
+    return cpu_kernels
+
+
+@pytest.fixture
+def device():
+    return "cpu"
+
+
+@pytest.mark.parametrize("bits", [16, 8, 6, 4, 2])
+def test_decode_step_over_many_pages(ops, bits):
+    """30 decode requests of 1 to 300 tokens over 16-token pages of a vLLM-like strided cache view
+    (one layer's slice of pages that hold every layer), bf16 queries, 4 query heads per KV head."""
+    gen = torch.Generator().manual_seed(bits)
+    fmt = KVFormat(bits, 64, 32)
+    block_size, blocks = 16, 700
+    pages = garbage_cache(blocks, block_size, fmt, False, gen, "cpu")
+    cache = torch.stack([pages, pages.clone()], 1)[:, 1]  # [B, H, N, C] with a block stride of two layers
+    seq_lens = torch.randint(1, 301, (30,), generator=gen, dtype=torch.int32)
+    table = torch.randperm(blocks, generator=gen)[:30 * 19].reshape(30, 19).int()
+    for r, n in enumerate(seq_lens.tolist()):
+        pos = torch.arange(n)
+        k, v = torch.randn(2, n, KV_HEADS, 64, generator=gen)
+        paged.write(cache, k, v, table[r][pos // block_size].long() * block_size + pos % block_size, fmt)
+    query = torch.randn(30, 4 * KV_HEADS, 64, generator=gen).bfloat16()
+    args = (query, cache, table, seq_lens, torch.arange(31, dtype=torch.int32), 1, int(seq_lens.max()), 0.125, fmt)
+    torch.testing.assert_close(ops.attend(*args), paged.attend(*args), rtol=1e-2, atol=1e-2)
+
+
+def test_a_bad_cache_is_refused_by_name(ops):
+    fmt = KVFormat(4, 64, 32)
+    with pytest.raises(RuntimeError, match=r"cache must be uint8 \[blocks, kv heads, block_size, 80\]"):
+        ops.write(torch.zeros(2, 2, 4, 79, dtype=torch.uint8), torch.zeros(1, 2, 64), torch.zeros(1, 2, 64),
+                  torch.zeros(1, dtype=torch.long), fmt)

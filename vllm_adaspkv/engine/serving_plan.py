@@ -1,0 +1,123 @@
+"""What serving an artifact means, checked before any engine starts (no vLLM import).
+
+`open_artifact` runs in the front end (`vllm serve`, `LLM(...)`) and rejects, with one message
+naming the file and field, every artifact the plugin cannot serve: a missing or malformed file, a
+base model that is gone or another one, a layer count or mask shape that does not fit the model, an
+architecture other than LLaVA, a KV scheme the quantizer does not implement. The engine's worker
+then builds the layers' KV formats (`kv_formats`), logs `startup_table`, and counts the zeros of the
+weights it loads (`vllm_adaspkv.format.ZeroCount`) against the plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm_adaspkv.format import (
+    MASK_FILE,
+    PLAN_FILE,
+    ArtifactError,
+    ModelGeometry,
+    Plan,
+    check_base_model,
+    check_mask_shapes,
+    check_num_layers,
+    checkpoint_shapes,
+    read_geometry,
+    read_masks,
+    read_plan,
+)
+from vllm_adaspkv.kv.paged import KVFormat
+from vllm_adaspkv.kv.quant import bytes_per_token
+
+ARCHITECTURE = "LlavaForConditionalGeneration"
+PLUGIN_ARCHITECTURE = "AdaspkvLlavaForConditionalGeneration"
+
+
+@dataclass(frozen=True)
+class ServedArtifact:
+    artifact_dir: Path
+    model_dir: Path  # the checkpoint vLLM loads: the artifact itself if it is a full checkpoint
+    plan: Plan
+    geometry: ModelGeometry
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the weights must be masked at load (a full checkpoint carries its zeros itself)."""
+        return not self.plan.full_checkpoint and any(any(layer.sparsity.values()) for layer in self.plan.layers)
+
+
+def open_artifact(art_dir: str | Path) -> ServedArtifact:
+    """Everything about an artifact that can be checked without loading the model (the front end)."""
+    served = describe_artifact(art_dir)
+    if not served.plan.full_checkpoint:
+        check_base_model(served.plan, served.model_dir, str(served.artifact_dir / PLAN_FILE))
+    if served.has_masks:
+        check_mask_shapes(read_masks(served.artifact_dir, served.plan), checkpoint_shapes(served.model_dir),
+                          str(served.artifact_dir / MASK_FILE))
+    return served
+
+
+def describe_artifact(art_dir: str | Path) -> ServedArtifact:
+    """The plan and the model it is served over, with the cheap checks (no hashing, no masks read):
+    what the worker needs after the front end has run `open_artifact`."""
+    art_dir = Path(art_dir).resolve()
+    plan = read_plan(art_dir)
+    source = str(art_dir / PLAN_FILE)
+    model_dir = art_dir if plan.full_checkpoint else Path(plan.base_model.path)
+    if not (model_dir / "config.json").is_file():
+        where = "the artifact holds no full checkpoint and" if not plan.full_checkpoint else "the artifact"
+        raise ArtifactError(f"{source}: {where} {model_dir} has no config.json (base_model.path = "
+                            f"{plan.base_model.path!r}); put the base model there or export with "
+                            "--full-checkpoint")
+    geometry = read_geometry(model_dir)
+    if list(geometry.architectures) != [ARCHITECTURE]:
+        raise ArtifactError(f"{model_dir / 'config.json'}: architectures = {list(geometry.architectures)}; the "
+                            f"adaspkv plugin serves {ARCHITECTURE} only")
+    check_num_layers(plan, geometry.num_layers, source)
+    scheme = plan.kv_quant
+    if scheme.symmetric or scheme.scale_dtype != "float16":
+        raise ArtifactError(f"{source}: kv_quant symmetric={scheme.symmetric}, scale_dtype="
+                            f"{scheme.scale_dtype!r}: the serving quantizer stores asymmetric codes with "
+                            "float16 scales only")
+    served = ServedArtifact(art_dir, model_dir, plan, geometry)
+    try:
+        kv_formats(served)
+    except ValueError as exc:
+        raise ArtifactError(f"{source}: kv_quant/kv_bits cannot be served for head_dim {geometry.head_dim}: "
+                            f"{exc}") from None
+    return served
+
+
+def kv_formats(served: ServedArtifact) -> list[KVFormat | None]:
+    """Per decoder layer its quantized KV format, or None for a 16-bit layer (vLLM's own cache)."""
+    scheme = served.plan.kv_quant
+    return [None if layer.kv_bits == 16 else
+            KVFormat(layer.kv_bits, served.geometry.head_dim, scheme.group_size, scheme.key_rotation == "hadamard")
+            for layer in served.plan.layers]
+
+
+def startup_table(served: ServedArtifact, dense_element_bytes: int, budget_bytes: int | None,
+                  block_size: int) -> str:
+    """Per layer bits, KV bytes per token (all KV heads, K and V, scales included) and sparsity; then
+    the cache's capacity against a 16-bit cache of the same budget."""
+    plan, geometry = served.plan, served.geometry
+    group = plan.kv_quant.group_size
+
+    def token_bytes(bits: list[int], element_bytes: int = dense_element_bytes) -> int:
+        return bytes_per_token(bits, geometry.num_kv_heads, geometry.head_dim, group, element_bytes)
+
+    lines = [f"adaspkv: serving {served.artifact_dir} (model {served.model_dir})",
+             f"{'layer':>5} {'kv bits':>7} {'bytes/token':>11} {'sparsity':>8}"]
+    sparsity = plan.layer_sparsity(geometry.linear_sizes())
+    for i, layer in enumerate(plan.layers):
+        lines.append(f"{i:>5} {layer.kv_bits:>7} {token_bytes([layer.kv_bits]):>11} {sparsity[i]:>8.3f}")
+    total = token_bytes([layer.kv_bits for layer in plan.layers])
+    sixteen_bit = token_bytes([16] * plan.num_layers(), 2)
+    lines.append(f"KV bytes per token: {total} (16-bit cache: {sixteen_bit}); the same memory holds "
+                 f"{sixteen_bit / total:.2f}x the tokens of a 16-bit cache")
+    if budget_bytes:
+        tokens = budget_bytes // (block_size * total) * block_size
+        dense_tokens = budget_bytes // (block_size * sixteen_bit) * block_size
+        lines.append(f"KV budget {budget_bytes} bytes: {tokens} tokens (16-bit cache: {dense_tokens})")
+    return "\n".join(lines)

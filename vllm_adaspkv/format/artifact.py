@@ -1,0 +1,240 @@
+"""The files of an artifact directory: the contract between the offline search and the vLLM plugin.
+
+An artifact directory holds `adaspkv.json` (the plan, `vllm_adaspkv.format.schema.Plan`: base model and
+content hash, per decoder layer the sparsity of each pruned linear and the KV bit width, metric,
+structure, KV quantization scheme, provenance, evaluation); `masks.safetensors` when weights are pruned:
+one keep mask per pruned weight, keyed by its llava-hf parameter name (`mask_key`), 1 bit per weight as
+numpy.packbits in *big* bit order over the row-major flattened mask (the first weight is the highest bit
+of byte 0), the shapes as JSON {key: shape} under the file's metadata "shapes"; optionally a full pruned
+checkpoint, written by someone else and announced by `full_checkpoint`.
+
+This module owns reading, writing and checking those files, so that a search and a server that never see
+each other agree on them. It imports only torch, safetensors, numpy and pydantic (no vLLM, no Optuna), so
+the search, the plugin and the demo all use it. Every error is an ArtifactError whose message names the
+file and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vllm_adaspkv.format.schema import LINEARS, ArtifactError, Plan, mask_key, parse_mask_key, sparsity_differs
+
+PLAN_FILE = "adaspkv.json"
+MASK_FILE = "masks.safetensors"
+# llava-hf checkpoints written by transformers >= 4.52 nest the language model the other way round
+_NEW_LAYOUT = re.compile(r"^model\.language_model\.")
+
+
+def _allowed(values) -> str:
+    return ", ".join(map(str, values))
+
+
+def is_artifact(model: str | Path) -> bool:
+    return (Path(model) / PLAN_FILE).is_file()
+
+
+def canonical_key(name: str) -> str:
+    """A llava-hf weight name in the artifact's key space (language_model.model.layers...)."""
+    return _NEW_LAYOUT.sub("language_model.model.", name)
+
+
+def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Weight shapes from the safetensors headers (no tensor is read), under canonical keys."""
+    shapes = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        if path.name == MASK_FILE:
+            continue
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                shapes[canonical_key(key)] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def model_sha256(model_dir: str | Path) -> str:
+    """Content hash of a checkpoint: config.json, then every *.safetensors file in sorted name order (each
+    file's name, then its bytes). masks.safetensors is skipped, so an artifact that holds a full checkpoint
+    hashes the same with or without masks. Files are streamed: checkpoints can be tens of GB."""
+    digest = hashlib.sha256()
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json; not a checkpoint directory")
+    for path in [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors"))]:
+        if path.name == MASK_FILE:
+            continue
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool [...] -> uint8 [ceil(n / 8)], 1 bit per weight, big bit order, row-major."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"pack_mask: the mask must be bool, not {mask.dtype}")
+    return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy()))
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of pack_mask: uint8 [ceil(n / 8)] -> bool of `shape`."""
+    count = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != -(-count // 8):
+        raise ValueError(f"unpack_mask: {packed.numel()} {packed.dtype} values cannot hold a mask of shape "
+                         f"{tuple(shape)} ({-(-count // 8)} uint8 needed)")
+    bits = np.unpackbits(packed.cpu().numpy(), count=count)
+    return torch.from_numpy(bits.astype(bool)).reshape(shape)
+
+
+def _replace_atomically(target: Path, write) -> None:
+    """write(tmp) then rename over `target`: a crash leaves the old file or the new one, never half of one.
+    fsync before the rename, or a power loss could leave the new name pointing at unwritten blocks."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_artifact(out_dir: str | Path, plan: Plan, masks: dict[str, torch.Tensor] | None = None) -> Path:
+    """Writes adaspkv.json and, when given, masks.safetensors (checked against the plan first, so that a
+    written artifact always reads back). masks=None means the artifact has no masks: a masks file left by
+    an earlier write to the same folder is removed, or it would be read against the new plan."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if masks is not None:
+        _check_masks(masks, plan, str(out / MASK_FILE))
+        shapes = json.dumps({key: list(mask.shape) for key, mask in masks.items()})
+        _replace_atomically(out / MASK_FILE, lambda tmp: save_file(
+            {key: pack_mask(mask) for key, mask in masks.items()}, str(tmp), metadata={"shapes": shapes}))
+    else:
+        (out / MASK_FILE).unlink(missing_ok=True)
+    # the plan last: it is what makes the folder an artifact
+    text = json.dumps(plan.to_json(), indent=2) + "\n"
+    _replace_atomically(out / PLAN_FILE, lambda tmp: tmp.write_text(text))
+    return out
+
+
+def read_plan(art_dir: str | Path) -> Plan:
+    path = Path(art_dir) / PLAN_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{art_dir}: not an adaspkv artifact (no {PLAN_FILE})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: invalid JSON ({exc})") from None
+    return Plan.from_json(data, str(path))
+
+
+def read_masks(art_dir: str | Path, plan: Plan | None = None) -> dict[str, torch.Tensor]:
+    """The bool keep masks. With `plan`, every mask must be for a linear of one of its layers with the
+    plan's sparsity, and every linear the plan prunes must have a mask."""
+    path = Path(art_dir) / MASK_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{art_dir}: no {MASK_FILE}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            packed = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
+        raise ArtifactError(f"{path}: not a readable safetensors file ({exc})") from None
+    try:
+        shapes = json.loads(metadata["shapes"])
+    except (KeyError, json.JSONDecodeError):
+        raise ArtifactError(f"{path}: metadata 'shapes' missing or not JSON; the mask shapes are unknown") from None
+    masks = {}
+    for key, bits in packed.items():
+        if key not in shapes:
+            raise ArtifactError(f"{path}: {key}: no shape in the metadata 'shapes'")
+        try:
+            masks[key] = unpack_mask(bits, tuple(shapes[key]))
+        except (ValueError, TypeError) as exc:
+            raise ArtifactError(f"{path}: {key}: {exc}") from None
+    _check_masks(masks, plan, str(path))
+    return masks
+
+
+def _check_masks(masks: dict[str, torch.Tensor], plan: Plan | None, source: str) -> None:
+    for key, mask in masks.items():
+        parsed = parse_mask_key(key)
+        if parsed is None:
+            raise ArtifactError(f"{source}: {key!r} is not a language-model linear weight "
+                                f"(language_model.model.layers.N.LINEAR.weight, LINEAR one of {_allowed(LINEARS)})")
+        if mask.dtype != torch.bool:
+            raise ArtifactError(f"{source}: {key}: a mask must be bool, not {mask.dtype}")
+        if plan is None:
+            continue
+        layer, linear = parsed
+        if layer >= plan.num_layers():
+            raise ArtifactError(f"{source}: {key} is for layer {layer}; the plan has {plan.num_layers()} layers")
+        expected = plan.layers[layer].sparsity.get(linear, 0.0)
+        # counted, not averaged: exact, and no float copy of a mask with hundreds of millions of weights
+        measured = 1.0 - int(mask.sum()) / mask.numel() if mask.numel() else 0.0
+        if sparsity_differs(measured, expected):
+            raise ArtifactError(f"{source}: {key} has sparsity {measured:.4f}; {PLAN_FILE} says "
+                                f"layers[{layer}].sparsity.{linear} = {expected:.4f}")
+    if plan is not None:
+        for i, layer in enumerate(plan.layers):
+            for linear, value in layer.sparsity.items():
+                if sparsity_differs(value, 0.0) and mask_key(i, linear) not in masks:
+                    raise ArtifactError(f"{source}: no mask for {mask_key(i, linear)}; {PLAN_FILE} says "
+                                        f"layers[{i}].sparsity.{linear} = {value:.4f}")
+
+
+def check_base_model(plan: Plan, model_dir: str | Path, source: str) -> None:
+    actual = model_sha256(model_dir)
+    if actual != plan.base_model.sha256:
+        raise ArtifactError(f"{source}: base_model.sha256 {plan.base_model.sha256[:12]}... does not match "
+                            f"{model_dir} (hash {actual[:12]}...): this artifact was made from another model")
+
+
+def check_num_layers(plan: Plan, num_layers: int, source: str) -> None:
+    if plan.num_layers() != num_layers:
+        raise ArtifactError(f"{source}: layers has {plan.num_layers()} entries; the model has {num_layers} "
+                            "decoder layers")
+
+
+def check_mask_shapes(masks: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Every mask must cover a weight of the model, element for element."""
+    for key, mask in masks.items():
+        if key not in shapes or tuple(mask.shape) != tuple(shapes[key]):
+            weight = f"the weight {tuple(shapes[key])}" if key in shapes else "but the model has no such weight"
+            raise ArtifactError(f"{source}: mask {key} has shape {tuple(mask.shape)}, {weight}")
+
+
+class ZeroCount:
+    """Counts the zeros of each language-model linear weight it is shown, then compares every one with
+    the plan: the check of a pruned checkpoint (offline) and of the weights a server loads. The server
+    counts the whole Hugging Face tensor before tensor-parallel slicing, so every rank checks the same
+    numbers."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.measured: dict[tuple[int, str], float] = {}
+
+    def observe(self, key: str, weight: torch.Tensor) -> None:
+        parsed = parse_mask_key(key)
+        if parsed is not None:  # counted, not averaged: exact, and no float copy of the weight
+            self.measured[parsed] = int((weight == 0).sum()) / weight.numel()
+
+    def check(self, source: str) -> None:
+        """Raises ArtifactError on the first linear whose share of zeros differs from the plan.
+        Layers not seen (another pipeline rank's) are not checked."""
+        for (layer, linear), measured in sorted(self.measured.items()):
+            expected = self.plan.layers[layer].sparsity.get(linear, 0.0)
+            if sparsity_differs(measured, expected):
+                raise ArtifactError(f"{source}: layer {layer} {linear} was loaded with sparsity "
+                                    f"{measured:.4f}; {PLAN_FILE} says {expected:.4f}")

@@ -1,0 +1,150 @@
+"""The schema of `adaspkv.json`, the plan of an artifact: pydantic models, the one definition of its fields.
+
+The committed JSON Schema (`adaspkv.schema.json` beside this module) is generated from `Plan`
+(`scripts/write_artifact_schema.py`); a test keeps the two equal. Reading and writing the artifact's
+files is `vllm_adaspkv.format.artifact`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import Field, Strict, field_validator
+
+from vllm_adaspkv.format.strict import AdaspkvError, StrictModel, int_choice
+from vllm_adaspkv.kv.quant import KV_BITS
+
+FORMAT_VERSION = 1
+Linear = Literal["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+LINEARS: tuple[str, ...] = get_args(Linear)  # the prunable linears of a decoder layer, canonical order
+PlanMetric = Literal["magnitude", "wanda", "lognorm", "sparsegpt", "none"]
+PLAN_METRICS: tuple[str, ...] = get_args(PlanMetric)
+ScaleDtype = Literal["float16", "float32", "bfloat16"]
+KeyRotation = Literal["none", "hadamard"]
+KEY_ROTATIONS: tuple[str, ...] = get_args(KeyRotation)
+# Export records each mask's measured sparsity, so plan and masks agree up to float rounding; 1e-3 still
+# catches a mask paired with the wrong plan (sparsity grids are much coarser than that). Every zero count
+# (masks, pruned checkpoints, served weights) is compared with the plan at this tolerance.
+SPARSITY_TOLERANCE = 1e-3
+_MASK_KEY = re.compile(r"language_model\.model\.layers\.(\d+)\.(.+)\.weight")
+
+
+class ArtifactError(AdaspkvError):
+    """A malformed or mismatched artifact; the message names the file and the field."""
+
+
+def mask_key(layer: int, linear: str) -> str:
+    """The llava-hf parameter name of a decoder layer's linear weight: the key of its mask."""
+    return f"language_model.model.layers.{layer}.{linear}.weight"
+
+
+def parse_mask_key(key: str) -> tuple[int, str] | None:
+    """(layer, linear) of a language-model linear weight's name, or None for any other name."""
+    match = _MASK_KEY.fullmatch(key)
+    return (int(match[1]), match[2]) if match and match[2] in LINEARS else None
+
+
+def sparsity_differs(measured: float, expected: float) -> bool:
+    return abs(measured - expected) > SPARSITY_TOLERANCE
+
+
+class LayerPlan(StrictModel):
+    error = ArtifactError
+    sparsity: dict[Linear, Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        description="share of zeroed weights of each pruned linear, in [0, 1); a linear left out is dense")
+    kv_bits: int_choice(KV_BITS) = Field(16, description="bits per K/V value in this layer's cache")
+
+    @field_validator("sparsity")
+    @classmethod
+    def _canonical_order(cls, value: dict) -> dict:
+        return {name: value[name] for name in LINEARS if name in value}  # files diff cleanly
+
+
+class KVQuantScheme(StrictModel):
+    error = ArtifactError
+    group_size: Annotated[int, Field(gt=0)] = Field(32, description="values per scale along the head dimension")
+    symmetric: bool = False
+    scale_dtype: ScaleDtype = "float16"
+    key_rotation: KeyRotation = Field("none", description="'hadamard': keys are quantized in the Hadamard basis")
+
+
+class BaseCheckpoint(StrictModel):
+    error = ArtifactError
+    path: str = Field(description="the checkpoint the masks were computed on")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="model_sha256 of that checkpoint")
+
+
+class Plan(StrictModel):
+    """adaspkv.json: per decoder layer the sparsity of each pruned linear and the KV bit width."""
+
+    error = ArtifactError
+    format_version: int_choice((FORMAT_VERSION,)) = FORMAT_VERSION  # first: it says how to read the rest
+    base_model: BaseCheckpoint
+    layers: Annotated[tuple[LayerPlan, ...], Strict(False)] = Field(
+        description="one entry per decoder layer, in layer order", json_schema_extra={"minItems": 1})
+    metric: PlanMetric
+    structure: str = Field("unstructured", description="'unstructured', or 'N:M': N of every M consecutive "
+                                                       "inputs of a row are pruned")
+    allocation: str = "uniform"
+    kv_quant: KVQuantScheme = KVQuantScheme()
+    full_checkpoint: bool = Field(False, description="the artifact holds the pruned checkpoint itself")
+    provenance: dict[str, Any] = {}
+    evaluation: dict[str, Any] = {}
+
+    @field_validator("layers")
+    @classmethod
+    def _not_empty(cls, value: tuple) -> tuple:
+        if not value:
+            raise ValueError("must have one entry per decoder layer")
+        return value
+
+    @field_validator("structure")
+    @classmethod
+    def _n_of_m(cls, value: str) -> str:
+        nm = re.fullmatch(r"(\d+):(\d+)", value)
+        if value != "unstructured" and not (nm and 1 <= int(nm[1]) < int(nm[2])):
+            raise ValueError("allowed 'unstructured' or 'N:M' with 1 <= N < M")
+        return value
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> Plan:
+        """The plan of parsed JSON; errors start with `source` (the file)."""
+        # the version first: another version may lay out every other field differently
+        version = data.get("format_version", "missing") if isinstance(data, dict) else None
+        try:
+            if not isinstance(data, dict):
+                raise ArtifactError("the top level must be a JSON object")
+            if version != FORMAT_VERSION or type(version) is not int:
+                raise ArtifactError(f"format_version = {version!r}: this release reads {FORMAT_VERSION}")
+            return cls.parse(data)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{source}: {exc}") from None
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def mean_kv_bits(self) -> float:
+        return sum(layer.kv_bits for layer in self.layers) / len(self.layers)
+
+    def layer_sparsity(self, params_per_linear: Mapping[str, int]) -> list[float]:
+        """Per decoder layer, the share of its linear weights that are zero: what "a layer's sparsity"
+        means everywhere (report, start-up table, demo). params_per_linear: linear -> weights in one
+        layer (`ModelGeometry.linear_sizes()`); a linear the plan prunes must have a size."""
+        for layer in self.layers:
+            for name, value in layer.sparsity.items():
+                if value and name not in params_per_linear:
+                    raise ValueError(f"layer sparsity: the plan prunes {name} but params_per_linear has no size for it")
+        total = sum(params_per_linear.values())
+        return [sum(layer.sparsity.get(name, 0.0) * size for name, size in params_per_linear.items()) / total
+                for layer in self.layers]
+
+    def mean_sparsity(self, params_per_linear: Mapping[str, int]) -> float:
+        """Share of zeroed weights over all layers (decoder layers have equal sizes)."""
+        values = self.layer_sparsity(params_per_linear)
+        return sum(values) / len(values)
