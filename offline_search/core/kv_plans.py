@@ -21,9 +21,16 @@ def check_choices(choices: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(set(choices)))
 
 
+def _check_ascending(choices: tuple[int, ...]) -> None:
+    # stepping "one choice down" in an unsorted tuple would turn a 16-bit layer into a 2-bit one
+    if list(choices) != sorted(set(choices)):
+        raise ValueError(f"KV choices {choices} must be distinct and ascending (check_choices sorts them)")
+
+
 def fit_budget(bits: list[int], budget: float, choices: tuple[int, ...]) -> list[int]:
     """Lowers layers one choice at a time, always the widest (the last of equals), until the mean is
     at most `budget`. choices sorted ascending."""
+    _check_ascending(choices)
     if budget < choices[0]:
         raise ValueError(f"--kv-bits-budget {budget:g} is below the narrowest choice, {choices[0]} bits")
     bits = list(bits)
@@ -36,6 +43,7 @@ def fit_budget(bits: list[int], budget: float, choices: tuple[int, ...]) -> list
 def fill_budget(bits: list[int], budget: float, choices: tuple[int, ...]) -> list[int]:
     """Widens layers one choice at a time, always the narrowest (the first of equals), while the mean
     stays at most `budget`: bits left unused only cost quality. choices sorted ascending."""
+    _check_ascending(choices)
     bits = list(bits)
     while True:
         widenable = [i for i, b in enumerate(bits) if b != choices[-1]]

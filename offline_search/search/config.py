@@ -54,9 +54,8 @@ class CompressConfig(StrictModel):
 
     @field_validator("kv_choices")
     @classmethod
-    def _known_choices(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        check_choices(value)
-        return value
+    def _sorted_choices(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        return check_choices(value)  # ascending: the budget searches step through the choices in order
 
     @model_validator(mode="after")
     def _consistent(self) -> CompressConfig:

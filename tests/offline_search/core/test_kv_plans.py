@@ -43,3 +43,11 @@ def test_choices_and_errors():
         check_choices((3, 8))
     with pytest.raises(ValueError, match="--kv-bits-budget 1 is below the narrowest choice, 2 bits"):
         fit_budget([2, 2], 1, (2, 4))
+
+
+def test_unsorted_choices_are_refused_rather_than_stepped_through():
+    # "one choice lower" than 16 in (16, 8, 6, 4, 2) would be index -1: 2 bits
+    with pytest.raises(ValueError, match=r"KV choices \(16, 8, 6, 4, 2\) must be distinct and ascending"):
+        fit_budget([16, 16], 6, (16, 8, 6, 4, 2))
+    with pytest.raises(ValueError, match=r"must be distinct and ascending"):
+        fill_budget([2, 2], 6, (4, 2))
