@@ -88,12 +88,12 @@ def search_command(model: str, out: Path, trials: int) -> list[str]:
 
 def ensure_artifact(model: str, model_dir: Path, out: Path, trials: int) -> Path:
     """The artifact in `out`, searched on first use (about a minute for shapes-llava on 2 CPU cores)."""
-    from vllm_adaspkv.format import ArtifactError, read_plan
+    from vllm_adaspkv.format import ArtifactError, base_model_dir, read_plan
 
     if (out / "adaspkv.json").is_file():
         plan = read_plan(out)
-        if Path(plan.base_model.path).resolve() != model_dir.resolve():
-            raise ArtifactError(f"{out} was made from {plan.base_model.path}, not {model_dir}; delete it or "
+        if base_model_dir(plan, out).resolve() != model_dir.resolve():
+            raise ArtifactError(f"{out} was made from {base_model_dir(plan, out)}, not {model_dir}; delete it or "
                                 "pass --artifact")
         return out
     print(f"No artifact for {model} yet: searching one in {trials} trials into {out} (first run only) ...",
@@ -124,9 +124,9 @@ def base_model_dir(model_dir: Path, artifact: Path | None) -> Path:
     """The dense model: the artifact's base model, or the model itself."""
     if artifact is None:
         return model_dir
-    from vllm_adaspkv.format import read_plan
+    from vllm_adaspkv.format import base_model_dir, read_plan
 
-    return Path(read_plan(artifact).base_model.path)
+    return base_model_dir(read_plan(artifact), artifact)
 
 
 def serve_args(config: DemoConfig, base: Path, plugin: bool) -> tuple[str, ...]:

@@ -30,9 +30,9 @@ def profile_markdown(plan: Plan, artifact: Path, geometry: ModelGeometry | None)
     lines = [f"Artifact `{artifact}`: {plan.metric} / {plan.allocation} / {plan.structure}, {plan.num_layers()} layers"
              + (f", mean sparsity {plan.mean_sparsity(geometry.linear_sizes()):.3f}." if geometry else ".")]
     evaluation = plan.evaluation
-    if {"objective", "dense", "pruned"} <= evaluation.keys():
-        lines.append(f"Search objective ({evaluation['objective']}): dense {evaluation['dense']:.3f}, "
-                     f"compressed {evaluation['pruned']:.3f}.")
+    if evaluation is not None:
+        lines.append(f"Search objective ({evaluation.objective}): dense {evaluation.dense:.3f}, "
+                     f"compressed {evaluation.pruned:.3f}.")
     return "\n\n".join(lines)
 
 

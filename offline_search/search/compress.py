@@ -18,7 +18,7 @@ from offline_search.model.objective import Objective
 from offline_search.model.pruner import Pruner
 from offline_search.search.config import CompressConfig
 from offline_search.search.export import export_artifact
-from vllm_adaspkv.format import LINEARS, mask_key, model_sha256
+from vllm_adaspkv.format import LINEARS, Provenance, mask_key, model_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ def compress(config: CompressConfig) -> Path:
     num_layers = model_geometry(model).num_layers
     config = config.with_model_layers(num_layers)
     cache_dir = config.cache_dir or default_cache_dir()
-    stats, cache_file, hit = cached_calibration(model, processor, model_dir, config.calibration, cache_dir,
+    base_sha256 = model_sha256(model_dir)  # streamed over every weight file: once per run
+    stats, cache_file, hit = cached_calibration(model, processor, base_sha256, config.calibration, cache_dir,
                                                 config.show_progress)
     print(f"calibration statistics {'reused from' if hit else 'written to'} {cache_file}")
     pruner = Pruner(model, stats, config.metric, config.nm, config.amia)
@@ -42,7 +43,7 @@ def compress(config: CompressConfig) -> Path:
 
     sizes = pruner.sizes()
     layer_weights = [sum(sizes[mask_key(i, name)] for name in LINEARS) for i in range(num_layers)]
-    provenance = {"calibration": {**vars(config.calibration), "cache_file": str(cache_file)},
+    provenance = {"calibration": {**config.calibration.model_dump(), "cache_file": str(cache_file)},
                   "objective": config.objective.describe(), "seed": config.seed}
     study = None
     kv_bits = [config.kv_bits] * num_layers
@@ -61,12 +62,12 @@ def compress(config: CompressConfig) -> Path:
             return objective()
 
         warm = _warm_start(config, stats, pruner, num_layers) if config.warm_start else None
-        study = run_search(config, layer_weights, evaluate_plan, warm, bare_eval_seconds)
+        study = run_search(config, base_sha256, layer_weights, evaluate_plan, warm, bare_eval_seconds)
         best = chosen_trial(study, config)
         if plan is None:
             plan = per_linear(_layer_values(config, best.user_attrs["block_sparsity"], num_layers), num_layers)
         kv_bits = best.user_attrs.get("kv_bits", kv_bits)
-        provenance |= {"study_name": study.study_name, "storage": config.storage_url(),
+        provenance |= {"study_name": study.study_name, "storage": without_password(config.storage_url()),
                        "trial": best.number, "objective_values": best.values,
                        "trials_completed": completed_trials(study),
                        "timing": study.user_attrs.get("timing")}
@@ -78,13 +79,22 @@ def compress(config: CompressConfig) -> Path:
     print(f"compressed model: {config.objective.describe()} = {value:.6g}")
     if any(b != 16 for b in kv_bits):
         remove_kv_plan(model)  # the checkpoint, if written, holds weights only
-    return export_artifact(config, model, processor, model_dir, masks, kv_bits, provenance, evaluation, study)
+    return export_artifact(config, model, processor, model_dir, base_sha256, masks, kv_bits,
+                           Provenance(**provenance), evaluation, study)
 
 
-def cached_calibration(model, processor, model_dir: Path, config: CalibrationConfig,
+def without_password(url: str) -> str:
+    """A storage URL fit to be written into an artifact: postgresql://user:***@host/db."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def cached_calibration(model, processor, base_sha256: str, config: CalibrationConfig,
                        cache_dir: Path, show_progress: bool = True) -> tuple[dict, Path, bool]:
-    """(statistics, cache file, whether it was a cache hit): calibrated once per model and settings."""
-    path = statistics_file(cache_dir, config.cache_key(model_sha256(model_dir)))
+    """(statistics, cache file, whether it was a cache hit): calibrated once per model (by content
+    hash) and settings."""
+    path = statistics_file(cache_dir, config.cache_key(base_sha256))
     stats = load_statistics(path)
     if stats is not None:
         return stats, path, True

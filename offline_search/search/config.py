@@ -104,19 +104,24 @@ class CompressConfig(StrictModel):
         """Resolves the default block count against the model: the paper's 8, at most one per layer."""
         return self if self.blocks is not None else self.replace(blocks=min(DEFAULT_BLOCKS, num_layers))
 
-    def default_study_name(self) -> str:
+    def default_study_name(self, model_sha256: str) -> str:
+        """Names the model (by content hash) and the settings: reusing --out for another model or other
+        settings starts another study instead of continuing this one."""
         if self.study_name:
             return self.study_name
         kv = "" if self.kv_search == "none" else f"-kv{self.kv_search}{self.kv_bits_budget or ''}"
         weights = f"s{self.sparsity:g}-b{self.blocks}" if self.allocation == "tpe" else f"s{self.sparsity:g}-{self.allocation}"
-        return f"adaspkv-{self.metric}-{weights}{kv}-seed{self.seed}"
+        nm = f"-{self.nm[0]}of{self.nm[1]}" if self.nm else ""
+        warm = f"-warm{self.warm_start}" if self.warm_start else ""
+        return f"adaspkv-{model_sha256[:12]}-{self.metric}-{weights}{nm}{warm}{kv}-seed{self.seed}"
 
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{(Path(self.out) / 'study.db').resolve()}"
 
-    def search_settings(self) -> dict:
+    def search_settings(self, model_sha256: str) -> dict:
         """What a resumed study must share with the run that started it."""
-        return {"sparsity": self.sparsity, "metric": self.metric, "blocks": self.blocks,
+        return {"model_sha256": model_sha256, "nm": list(self.nm) if self.nm else None,
+                "warm_start": self.warm_start, "sparsity": self.sparsity, "metric": self.metric, "blocks": self.blocks,
                 "radius": self.radius, "step": self.step, "amia": self.amia,
                 "objective": self.objective.describe(), "calibration": repr(self.calibration),
                 "allocation": self.allocation, "kv_search": self.kv_search, "kv_bits_budget": self.kv_bits_budget,

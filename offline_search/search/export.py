@@ -3,6 +3,7 @@ checkpoint, and the report (offline_search/search/report.py)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -11,16 +12,8 @@ from offline_search.data.checkpoint import save_llava_checkpoint
 from offline_search.model.llava import model_geometry
 from offline_search.search.config import CompressConfig
 from offline_search.search.report import write_report
-from vllm_adaspkv.format import (
-    LINEARS,
-    BaseCheckpoint,
-    KVQuantScheme,
-    LayerPlan,
-    Plan,
-    mask_key,
-    model_sha256,
-    write_artifact,
-)
+from vllm_adaspkv.format import (LINEARS, BaseCheckpoint, Evaluation, KVQuantScheme, LayerPlan, Plan, Provenance,
+                                 mask_key, model_sha256, retract_artifact, write_artifact)
 
 
 def layer_plans(masks: dict[str, torch.Tensor], kv_bits: list[int]) -> tuple[LayerPlan, ...]:
@@ -31,25 +24,33 @@ def layer_plans(masks: dict[str, torch.Tensor], kv_bits: list[int]) -> tuple[Lay
         for i, bits in enumerate(kv_bits))
 
 
-def export_artifact(config: CompressConfig, model, processor, model_dir: Path, masks: dict[str, torch.Tensor],
-                    kv_bits: list[int], provenance: dict, evaluation: dict, study=None) -> Path:
-    out = Path(config.out)
+def export_artifact(config: CompressConfig, model, processor, model_dir: Path, base_sha256: str,
+                    masks: dict[str, torch.Tensor], kv_bits: list[int], provenance: Provenance,
+                    evaluation: dict, study=None) -> Path:
+    """Writes the artifact into config.out. The old plan goes first and the new one comes last, so a
+    crash on the way (a checkpoint of 14 GB takes a while) leaves a folder that is no artifact, never
+    one whose plan describes other files."""
+    out = retract_artifact(config.out)
     # SparseGPT changes the kept weights too: masks over the base model cannot reproduce it.
     full = config.full_checkpoint or config.metric == "sparsegpt"
-    zeroed = sum(int((~m).sum()) for m in masks.values())
-    evaluation = {**evaluation, "mean_sparsity": zeroed / sum(m.numel() for m in masks.values())}
-    plan = Plan(
-        base_model=BaseCheckpoint(path=str(Path(model_dir).resolve()), sha256=model_sha256(model_dir)),
-        layers=layer_plans(masks, kv_bits), kv_quant=KVQuantScheme(group_size=config.kv_group, key_rotation=config.kv_key_rotation),
-        metric=config.metric, structure=config.structure,
-        allocation=config.allocation + ("+amia" if config.amia else ""),
-        full_checkpoint=full, provenance=provenance, evaluation=evaluation)
-    pruned = any(not bool(m.all()) for m in masks.values())
-    write_artifact(out, plan, masks if pruned else None)  # a KV-only plan needs no masks
+    checkpoint_sha256 = None
     if full:
         save_llava_checkpoint(model, processor, out)
+        checkpoint_sha256 = model_sha256(out)
+    zeroed = sum(int((~m).sum()) for m in masks.values())
+    mean_sparsity = zeroed / sum(m.numel() for m in masks.values())
+    plan = Plan(
+        # relative: an artifact moved together with its base model (or copied beside it) still finds it
+        base_model=BaseCheckpoint(path=os.path.relpath(Path(model_dir).resolve(), out.resolve()), sha256=base_sha256),
+        layers=layer_plans(masks, kv_bits),
+        kv_quant=KVQuantScheme(group_size=config.kv_group, key_rotation=config.kv_key_rotation),
+        metric=config.metric, structure=config.structure,
+        allocation=config.allocation + ("+amia" if config.amia else ""),
+        full_checkpoint=full, checkpoint_sha256=checkpoint_sha256, provenance=provenance,
+        evaluation=Evaluation(**evaluation, mean_sparsity=mean_sparsity))
     write_report(out, plan, model_geometry(model), study)
-    print(f"artifact written to {out} (mean sparsity {evaluation['mean_sparsity']:.4f}, "
-          f"mean KV bits {plan.mean_kv_bits():g}"
+    pruned = any(not bool(m.all()) for m in masks.values())
+    write_artifact(out, plan, masks if pruned else None)  # a KV-only plan needs no masks
+    print(f"artifact written to {out} (mean sparsity {mean_sparsity:.4f}, mean KV bits {plan.mean_kv_bits():g}"
           f"{', with the pruned checkpoint' if full else ''})")
     return out

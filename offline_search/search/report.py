@@ -48,14 +48,13 @@ def write_report(out: Path, plan: Plan, geometry: ModelGeometry, study=None) -> 
 
     lines = [f"# adaspkv artifact: {plan.metric}, {plan.allocation}, {plan.structure}", "",
              f"Base model: `{plan.base_model.path}` (sha256 `{plan.base_model.sha256[:16]}...`)", ""]
-    if plan.evaluation:
+    if plan.evaluation is not None:
         lines += ["| objective | dense | pruned |", "| --- | --- | --- |",
-                  f"| {plan.evaluation['objective']} | {plan.evaluation['dense']:.6g} | "
-                  f"{plan.evaluation['pruned']:.6g} |", ""]
+                  f"| {plan.evaluation.objective} | {plan.evaluation.dense:.6g} | {plan.evaluation.pruned:.6g} |", ""]
     if study is not None and "timing" in study.user_attrs:
         t = study.user_attrs["timing"]
-        lines += [f"Search: {plan.provenance.get('trials_completed')} trials, best trial "
-                  f"{plan.provenance.get('trial')}; mean trial {t['mean_trial_seconds']:.2f} s = "
+        lines += [f"Search: {plan.provenance.trials_completed} trials, best trial "
+                  f"{plan.provenance.trial}; mean trial {t['mean_trial_seconds']:.2f} s = "
                   f"{t['ratio']:.2f} x one bare evaluation ({t['bare_eval_seconds']:.2f} s).", ""]
     lines += ["| layer | KV bits | sparsity | " + " | ".join(LINEARS) + " |", "| --- " * (len(LINEARS) + 3) + "|"]
     lines += [f"| {i} | {bits[i]} | {layer_sparsity[i]:.4f} | "

@@ -29,7 +29,7 @@ from offline_search.search.config import CompressConfig
 logger = logging.getLogger(__name__)
 
 
-def open_study(config: CompressConfig) -> optuna.Study:
+def open_study(config: CompressConfig, model_sha256: str) -> optuna.Study:
     """Creates the study, or loads it after checking that it was started with the same settings."""
     Path(config.out).mkdir(parents=True, exist_ok=True)  # the default SQLite file lives there
     with warnings.catch_warnings():  # heartbeats are marked experimental; they are what we need
@@ -40,11 +40,11 @@ def open_study(config: CompressConfig) -> optuna.Study:
             # and its parameters retried once by the next worker that starts a trial.
             heartbeat_interval=30, grace_period=90,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
-    name = config.default_study_name()
+    name = config.default_study_name(model_sha256)
     # pareto: perplexity (or loss) against mean KV bits, both minimised
     directions = ["minimize", "minimize"] if config.kv_search == "pareto" else ["minimize"]
     study = optuna.create_study(storage=storage, study_name=name, directions=directions, load_if_exists=True)
-    settings = config.search_settings()
+    settings = config.search_settings(model_sha256)
     started = study.user_attrs.get("settings")
     if started is None:
         study.set_user_attr("settings", settings)
@@ -63,14 +63,14 @@ def block_plan(config: CompressConfig, layer_weights: list[int]) -> tuple[list[r
     return blocks, [sum(layer_weights[i] for i in layers) for layers in blocks]
 
 
-def run_search(config: CompressConfig, layer_weights: list[int],
+def run_search(config: CompressConfig, model_sha256: str, layer_weights: list[int],
                evaluate_plan: Callable[[list[float] | None, list[int] | None], float],
                warm_start: list[float] | None, bare_eval_seconds: float) -> optuna.Study:
     """Runs trials until `config.trials` have completed. A trial samples per-block sparsities
     (allocation tpe) and/or per-layer KV bits (kv_search) and calls
     `evaluate_plan(per-layer sparsity or None, per-layer bits or None)` -> objective value."""
     num_layers = len(layer_weights)
-    study = open_study(config)
+    study = open_study(config, model_sha256)
     first: dict[str, int | float] = {}  # the uniform plan, the first trial of every new study
     if config.allocation == "tpe":
         grid = block_grid(config.sparsity, config.radius, config.step)

@@ -40,7 +40,7 @@ def test_capacity_without_geometry_says_so():
 
 
 def test_profile_text_and_figures(tmp_path):
-    plan = _plan(evaluation={"objective": "wikitext2 ppl", "dense": 88.86, "pruned": 90.73})
+    plan = _plan(evaluation={"objective": "wikitext2 ppl", "dense": 88.86, "pruned": 90.73, "mean_sparsity": 0.1})
     text = profile_markdown(plan, tmp_path, GEOMETRY)
     total = sum(GEOMETRY.linear_sizes().values())
     mean = (16384 + 0.3 * 4096) / total / 4

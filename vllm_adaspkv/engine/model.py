@@ -16,7 +16,7 @@ from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 
 from vllm_adaspkv.engine.attention_backend import backend_for
 from vllm_adaspkv.engine.serving_plan import ServedArtifact, describe_artifact, kv_formats, startup_table
-from vllm_adaspkv.engine.settings import ADDITIONAL_CONFIG_KEY, served_artifact_path
+from vllm_adaspkv.engine.settings import ADDITIONAL_CONFIG_KEY, served_artifact_path, served_model_dir
 from vllm_adaspkv.format import PLAN_FILE, ArtifactError, ZeroCount, canonical_key, read_masks
 
 logger = logging.getLogger("vllm.adaspkv")
@@ -27,7 +27,8 @@ def served_artifact(vllm_config) -> ServedArtifact:
     if artifact is None:
         raise ArtifactError(f"{type(vllm_config).__name__}.additional_config[{ADDITIONAL_CONFIG_KEY!r}] names no "
                             "artifact: serve an artifact directory (one with adaspkv.json) with the plugin installed")
-    return describe_artifact(artifact)  # the front end already ran the full open_artifact
+    # the front end already ran the full open_artifact and found the checkpoint to load
+    return describe_artifact(artifact, served_model_dir(vllm_config.additional_config))
 
 
 def decoder_attention_layers(model: torch.nn.Module) -> dict[int, Attention]:

@@ -11,8 +11,9 @@ Any other model is left exactly as stock vLLM would serve it.
 from __future__ import annotations
 
 import logging
+import os
 
-from vllm_adaspkv.engine.serving_plan import PLUGIN_ARCHITECTURE, open_artifact
+from vllm_adaspkv.engine.serving_plan import BASE_MODEL_ENV, PLUGIN_ARCHITECTURE, open_artifact
 from vllm_adaspkv.engine.settings import served_artifact_path, with_settings
 from vllm_adaspkv.format import is_artifact
 
@@ -26,7 +27,7 @@ def route_artifact(engine_args) -> None:
     routed = served_artifact_path(engine_args.additional_config)
     if routed or not isinstance(engine_args.model, str) or not is_artifact(engine_args.model):
         return
-    served = open_artifact(engine_args.model)  # ArtifactError names the file and field
+    served = open_artifact(engine_args.model, os.environ.get(BASE_MODEL_ENV))  # ArtifactError names the field
     formats_wanted = any(layer.kv_bits != 16 for layer in served.plan.layers)
     if formats_wanted and engine_args.kv_cache_dtype not in (None, "auto"):
         raise ValueError(f"--kv-cache-dtype {engine_args.kv_cache_dtype}: the artifact {served.artifact_dir} "
@@ -43,8 +44,9 @@ def route_artifact(engine_args) -> None:
         engine_args.tokenizer = str(served.model_dir)
     engine_args.model = str(served.model_dir)
     engine_args.hf_overrides = {**(overrides or {}), "architectures": [PLUGIN_ARCHITECTURE]}
+    # the checkpoint found here, so that the engine's processes need not look for it again
     engine_args.additional_config = with_settings(engine_args.additional_config, enabled=True,
-                                                  artifact=str(served.artifact_dir))
+                                                  artifact=str(served.artifact_dir), model_dir=str(served.model_dir))
     logger.info("adaspkv: serving artifact %s over %s (mean KV bits %.2f)", served.artifact_dir,
                 served.model_dir, served.plan.mean_kv_bits())
 

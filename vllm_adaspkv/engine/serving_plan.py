@@ -13,24 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_adaspkv.format import (
-    MASK_FILE,
-    PLAN_FILE,
-    ArtifactError,
-    ModelGeometry,
-    Plan,
-    check_base_model,
-    check_mask_shapes,
-    check_num_layers,
-    checkpoint_shapes,
-    read_geometry,
-    read_masks,
-    read_plan,
-)
+from vllm_adaspkv.format import (MASK_FILE, PLAN_FILE, ArtifactError, ModelGeometry, Plan, base_model_dir,
+                                 check_base_model, check_checkpoint, check_mask_shapes, check_num_layers,
+                                 checkpoint_shapes, read_geometry, read_masks, read_plan)
 from vllm_adaspkv.kv.paged import KVFormat
 from vllm_adaspkv.kv.quant import bytes_per_token
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
+# Where the base model is when it is not where the artifact says (another machine, another folder).
+BASE_MODEL_ENV = "ADASPKV_BASE_MODEL"
 PLUGIN_ARCHITECTURE = "AdaspkvLlavaForConditionalGeneration"
 
 
@@ -47,29 +38,39 @@ class ServedArtifact:
         return not self.plan.full_checkpoint and any(any(layer.sparsity.values()) for layer in self.plan.layers)
 
 
-def open_artifact(art_dir: str | Path) -> ServedArtifact:
-    """Everything about an artifact that can be checked without loading the model (the front end)."""
-    served = describe_artifact(art_dir)
-    if not served.plan.full_checkpoint:
-        check_base_model(served.plan, served.model_dir, str(served.artifact_dir / PLAN_FILE))
+def open_artifact(art_dir: str | Path, base_model: str | Path | None = None) -> ServedArtifact:
+    """Everything about an artifact that can be checked without loading the model (the front end).
+    `base_model` overrides where the base model is looked for (routing passes $ADASPKV_BASE_MODEL)."""
+    served = describe_artifact(art_dir, base_model)
+    source = str(served.artifact_dir / PLAN_FILE)
+    if served.plan.full_checkpoint:
+        check_checkpoint(served.plan, served.model_dir, source)
+    else:
+        check_base_model(served.plan, served.model_dir, source)
     if served.has_masks:
         check_mask_shapes(read_masks(served.artifact_dir, served.plan), checkpoint_shapes(served.model_dir),
                           str(served.artifact_dir / MASK_FILE))
     return served
 
 
-def describe_artifact(art_dir: str | Path) -> ServedArtifact:
+def describe_artifact(art_dir: str | Path, base_model: str | Path | None = None) -> ServedArtifact:
     """The plan and the model it is served over, with the cheap checks (no hashing, no masks read):
     what the worker needs after the front end has run `open_artifact`."""
     art_dir = Path(art_dir).resolve()
     plan = read_plan(art_dir)
     source = str(art_dir / PLAN_FILE)
-    model_dir = art_dir if plan.full_checkpoint else Path(plan.base_model.path)
-    if not (model_dir / "config.json").is_file():
-        where = "the artifact holds no full checkpoint and" if not plan.full_checkpoint else "the artifact"
-        raise ArtifactError(f"{source}: {where} {model_dir} has no config.json (base_model.path = "
-                            f"{plan.base_model.path!r}); put the base model there or export with "
-                            "--full-checkpoint")
+    if plan.full_checkpoint:
+        model_dir = art_dir
+        if not (model_dir / "config.json").is_file():
+            raise ArtifactError(f"{source}: full_checkpoint = true, but {art_dir} has no config.json")
+    else:
+        model_dir = Path(base_model).resolve() if base_model else base_model_dir(plan, art_dir).resolve()
+        if not (model_dir / "config.json").is_file():
+            given = f"{BASE_MODEL_ENV} = {str(base_model)!r}" if base_model else \
+                f"base_model.path = {plan.base_model.path!r}"
+            raise ArtifactError(f"{source}: the base model (sha256 {plan.base_model.sha256[:12]}...) is not at "
+                                f"{model_dir} ({given}, no config.json there); put it there, set {BASE_MODEL_ENV} "
+                                "to its directory, or export with --full-checkpoint")
     geometry = read_geometry(model_dir)
     if list(geometry.architectures) != [ARCHITECTURE]:
         raise ArtifactError(f"{model_dir / 'config.json'}: architectures = {list(geometry.architectures)}; the "

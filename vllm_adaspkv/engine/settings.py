@@ -26,6 +26,11 @@ def served_artifact_path(additional_config: dict[str, Any] | None) -> str | None
     return plugin_settings(additional_config).get("artifact")
 
 
+def served_model_dir(additional_config: dict[str, Any] | None) -> str | None:
+    """The checkpoint the front end found for the routed artifact (its base model, or itself)."""
+    return plugin_settings(additional_config).get("model_dir")
+
+
 def with_settings(additional_config: dict[str, Any] | None, **settings: Any) -> dict[str, Any]:
     """A copy of additional_config with the plugin's settings updated."""
     config = dict(additional_config or {})

@@ -7,45 +7,21 @@ models, JSON Schema committed beside it), reading, writing and checking an artif
 `strict` holds the validated-model base and the project's user-error types. No vLLM, no Optuna.
 """
 
-from vllm_adaspkv.format.artifact import (
-                                          MASK_FILE,
-                                          PLAN_FILE,
-                                          ZeroCount,
-                                          canonical_key,
-                                          check_base_model,
-                                          check_mask_shapes,
-                                          check_num_layers,
-                                          checkpoint_shapes,
-                                          is_artifact,
-                                          model_sha256,
-                                          pack_mask,
-                                          read_masks,
-                                          read_plan,
-                                          unpack_mask,
-                                          write_artifact,
-)
+from vllm_adaspkv.format.artifact import (MASK_FILE, PLAN_FILE, ZeroCount, base_model_dir, canonical_key,
+                                          check_base_model, check_checkpoint, check_mask_shapes, check_num_layers,
+                                          checkpoint_shapes, is_artifact, model_sha256, pack_mask, read_masks,
+                                          read_plan, retract_artifact, unpack_mask, write_artifact)
 from vllm_adaspkv.format.geometry import ModelGeometry, read_geometry
-from vllm_adaspkv.format.schema import (
-                                          FORMAT_VERSION,
-                                          KEY_ROTATIONS,
-                                          LINEARS,
-                                          PLAN_METRICS,
-                                          SPARSITY_TOLERANCE,
-                                          ArtifactError,
-                                          BaseCheckpoint,
-                                          KVQuantScheme,
-                                          LayerPlan,
-                                          Plan,
-                                          mask_key,
-                                          parse_mask_key,
-                                          sparsity_differs,
-)
+from vllm_adaspkv.format.schema import (FORMAT_VERSION, KEY_ROTATIONS, LINEARS, PLAN_METRICS, SPARSITY_TOLERANCE,
+                                        ArtifactError, BaseCheckpoint, Evaluation, KVQuantScheme, LayerPlan, Plan,
+                                        Provenance, mask_key, parse_mask_key, sparsity_differs)
 from vllm_adaspkv.format.strict import AdaspkvError, ConfigError, StrictModel
 
 __all__ = [
     "FORMAT_VERSION", "KEY_ROTATIONS", "LINEARS", "MASK_FILE", "PLAN_FILE", "PLAN_METRICS", "SPARSITY_TOLERANCE",
-    "AdaspkvError", "ArtifactError", "BaseCheckpoint", "ConfigError", "KVQuantScheme", "LayerPlan", "ModelGeometry",
-    "Plan", "StrictModel", "ZeroCount", "canonical_key", "check_base_model", "check_mask_shapes", "check_num_layers",
-    "checkpoint_shapes", "is_artifact", "mask_key", "model_sha256", "pack_mask", "parse_mask_key", "read_geometry",
-    "read_masks", "read_plan", "sparsity_differs", "unpack_mask", "write_artifact",
+    "AdaspkvError", "ArtifactError", "BaseCheckpoint", "ConfigError", "Evaluation", "KVQuantScheme", "LayerPlan",
+    "ModelGeometry", "Plan", "Provenance", "StrictModel", "ZeroCount", "base_model_dir", "canonical_key",
+    "check_base_model", "check_checkpoint", "check_mask_shapes", "check_num_layers", "checkpoint_shapes",
+    "is_artifact", "mask_key", "model_sha256", "pack_mask", "parse_mask_key", "read_geometry", "read_masks",
+    "read_plan", "retract_artifact", "sparsity_differs", "unpack_mask", "write_artifact",
 ]

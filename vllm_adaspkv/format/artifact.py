@@ -109,12 +109,21 @@ def _replace_atomically(target: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_artifact(out_dir: str | Path, plan: Plan, masks: dict[str, torch.Tensor] | None = None) -> Path:
-    """Writes adaspkv.json and, when given, masks.safetensors (checked against the plan first, so that a
-    written artifact always reads back). masks=None means the artifact has no masks: a masks file left by
-    an earlier write to the same folder is removed, or it would be read against the new plan."""
+def retract_artifact(out_dir: str | Path) -> Path:
+    """Removes adaspkv.json from `out_dir` (created if missing): until a new plan is written the folder is
+    no artifact, so a crash while its other files are rewritten leaves none, never a stale plan over new
+    files. Files an artifact holds besides the plan are written after this, the plan last."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / PLAN_FILE).unlink(missing_ok=True)
+    return out
+
+
+def write_artifact(out_dir: str | Path, plan: Plan, masks: dict[str, torch.Tensor] | None = None) -> Path:
+    """Writes masks.safetensors when given (checked against the plan first, so that a written artifact
+    always reads back), then adaspkv.json. masks=None means the artifact has no masks: a masks file left
+    by an earlier write to the same folder is removed, or it would be read against the new plan."""
+    out = retract_artifact(out_dir)
     if masks is not None:
         _check_masks(masks, plan, str(out / MASK_FILE))
         shapes = json.dumps({key: list(mask.shape) for key, mask in masks.items()})
@@ -186,6 +195,8 @@ def _check_masks(masks: dict[str, torch.Tensor], plan: Plan | None, source: str)
         if sparsity_differs(measured, expected):
             raise ArtifactError(f"{source}: {key} has sparsity {measured:.4f}; {PLAN_FILE} says "
                                 f"layers[{layer}].sparsity.{linear} = {expected:.4f}")
+        if plan.n_of_m() is not None:
+            _check_n_of_m(mask, *plan.n_of_m(), f"{source}: {key}")
     if plan is not None:
         for i, layer in enumerate(plan.layers):
             for linear, value in layer.sparsity.items():
@@ -194,11 +205,38 @@ def _check_masks(masks: dict[str, torch.Tensor], plan: Plan | None, source: str)
                                         f"layers[{i}].sparsity.{linear} = {value:.4f}")
 
 
+def base_model_dir(plan: Plan, art_dir: str | Path) -> Path:
+    """Where the artifact's base model is: base_model.path, relative to the artifact directory unless
+    absolute (artifacts written before relative paths hold absolute ones)."""
+    path = Path(plan.base_model.path)
+    return path if path.is_absolute() else Path(art_dir) / path
+
+
+def _check_n_of_m(mask: torch.Tensor, n: int, m: int, where: str) -> None:
+    """structure N:M: in every row, each group of M consecutive inputs has at least N pruned weights."""
+    if mask.dim() != 2 or mask.shape[1] % m:
+        raise ArtifactError(f"{where}: a {n}:{m} mask needs rows divisible into groups of {m}, not shape "
+                            f"{tuple(mask.shape)}")
+    pruned = (~mask).reshape(mask.shape[0], -1, m).sum(-1)  # [rows, groups]
+    if bool((pruned < n).any()):
+        row, group = (pruned < n).nonzero()[0].tolist()
+        raise ArtifactError(f"{where}: row {row}, inputs {group * m}..{group * m + m - 1} keep {m - int(pruned[row, group])} "
+                            f"of {m}; structure {n}:{m} allows {m - n}")
+
+
 def check_base_model(plan: Plan, model_dir: str | Path, source: str) -> None:
     actual = model_sha256(model_dir)
     if actual != plan.base_model.sha256:
         raise ArtifactError(f"{source}: base_model.sha256 {plan.base_model.sha256[:12]}... does not match "
                             f"{model_dir} (hash {actual[:12]}...): this artifact was made from another model")
+
+
+def check_checkpoint(plan: Plan, art_dir: str | Path, source: str) -> None:
+    """A full-checkpoint artifact's own weights must be the ones it was exported with."""
+    actual = model_sha256(art_dir)
+    if actual != plan.checkpoint_sha256:
+        raise ArtifactError(f"{source}: checkpoint_sha256 {plan.checkpoint_sha256[:12]}... does not match the "
+                            f"checkpoint in {art_dir} (hash {actual[:12]}...): its files were changed after export")
 
 
 def check_num_layers(plan: Plan, num_layers: int, source: str) -> None:

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Field, Strict, field_validator
+from pydantic import Field, Strict, field_validator, model_validator
 
 from vllm_adaspkv.format.strict import AdaspkvError, StrictModel, int_choice
 from vllm_adaspkv.kv.quant import KV_BITS
@@ -71,10 +71,40 @@ class KVQuantScheme(StrictModel):
     key_rotation: KeyRotation = Field("none", description="'hadamard': keys are quantized in the Hadamard basis")
 
 
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 class BaseCheckpoint(StrictModel):
     error = ArtifactError
-    path: str = Field(description="the checkpoint the masks were computed on")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="model_sha256 of that checkpoint")
+    path: str = Field(description="the checkpoint the masks were computed on: relative to the artifact "
+                                  "directory (so that both can move together), or absolute")
+    sha256: Sha256 = Field(description="model_sha256 of that checkpoint: its identity wherever it is found")
+
+
+class Evaluation(StrictModel):
+    """What export measured: the search objective of the dense and the compressed model."""
+
+    error = ArtifactError
+    objective: str
+    dense: float
+    pruned: float
+    mean_sparsity: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        description="share of zeroed weights over all pruned linears, counted on the masks")
+
+
+class Provenance(StrictModel):
+    """How the artifact was made (informational, but checked like every other field)."""
+
+    error = ArtifactError
+    calibration: dict[str, Any] | None = None  # the CalibrationConfig and its cache file
+    objective: str | None = None
+    seed: int | None = None
+    study_name: str | None = None
+    storage: str | None = None  # the Optuna storage URL, password removed
+    trial: Annotated[int, Field(ge=0)] | None = None
+    objective_values: list[float] | None = None
+    trials_completed: Annotated[int, Field(ge=0)] | None = None
+    timing: dict[str, float] | None = None
 
 
 class Plan(StrictModel):
@@ -91,8 +121,10 @@ class Plan(StrictModel):
     allocation: str = "uniform"
     kv_quant: KVQuantScheme = KVQuantScheme()
     full_checkpoint: bool = Field(False, description="the artifact holds the pruned checkpoint itself")
-    provenance: dict[str, Any] = {}
-    evaluation: dict[str, Any] = {}
+    checkpoint_sha256: Sha256 | None = Field(None, description="with full_checkpoint: model_sha256 of the "
+                                                               "artifact's own checkpoint")
+    provenance: Provenance = Provenance()
+    evaluation: Evaluation | None = None
 
     @field_validator("layers")
     @classmethod
@@ -109,6 +141,15 @@ class Plan(StrictModel):
             raise ValueError("allowed 'unstructured' or 'N:M' with 1 <= N < M")
         return value
 
+    @model_validator(mode="after")
+    def _checkpoint_hash(self) -> Plan:
+        if self.full_checkpoint and self.checkpoint_sha256 is None:
+            raise ValueError("full_checkpoint = true needs checkpoint_sha256, the hash of the pruned checkpoint "
+                             "(re-export the artifact)")
+        if not self.full_checkpoint and self.checkpoint_sha256 is not None:
+            raise ValueError("checkpoint_sha256 is set but full_checkpoint is false")
+        return self
+
     @classmethod
     def from_json(cls, data: Any, source: str) -> Plan:
         """The plan of parsed JSON; errors start with `source` (the file)."""
@@ -122,6 +163,13 @@ class Plan(StrictModel):
             return cls.parse(data)
         except ArtifactError as exc:
             raise ArtifactError(f"{source}: {exc}") from None
+
+    def n_of_m(self) -> tuple[int, int] | None:
+        """(N, M) of an N:M structure, None for unstructured."""
+        if self.structure == "unstructured":
+            return None
+        n, m = self.structure.split(":")
+        return int(n), int(m)
 
     def to_json(self) -> dict:
         return self.model_dump(mode="json")

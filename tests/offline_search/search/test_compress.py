@@ -61,17 +61,20 @@ def test_search_resumes_and_keeps_finished_trials(tiny_llava_dir, tmp_path, caps
     args = [*small_run(tiny_llava_dir, out, tmp_path / "cache"), "--metric", "lognorm",
             "--sparsity", "0.5", "--blocks", "2"]
     assert main(["search", *args, "--trials", "2"]) == 0
-    study = optuna.load_study(study_name="adaspkv-lognorm-s0.5-b2-seed0", storage=f"sqlite:///{out}/study.db")
+    name = art.read_plan(out).provenance.study_name
+    # the study is the model's (by content hash) and the settings'
+    assert name == f"adaspkv-{art.model_sha256(tiny_llava_dir)[:12]}-lognorm-s0.5-b2-seed0"
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/study.db")
     first = [(t.params, t.value) for t in study.trials]
     assert first[0][0] == {"block_0": 0, "block_1": 0}  # the uniform plan is the first trial
     assert main(["search", *args, "--trials", "4"]) == 0
-    study = optuna.load_study(study_name="adaspkv-lognorm-s0.5-b2-seed0", storage=f"sqlite:///{out}/study.db")
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/study.db")
     assert [(t.params, t.value) for t in study.trials[:2]] == first
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 4
     printed = capsys.readouterr().out
     assert "x one bare evaluation" in printed
     plan = art.read_plan(out)
-    assert plan.allocation == "tpe" and plan.provenance["trials_completed"] == 4
+    assert plan.allocation == "tpe" and plan.provenance.trials_completed == 4
     assert plan.mean_sparsity(weight_sizes(tiny_llava_dir)) == pytest.approx(0.5, abs=0.005)
     assert (out / "optimization_history.png").is_file()
     with pytest.raises(SystemExit, match="was started with other settings \\(objective\\)"):
@@ -131,7 +134,7 @@ def test_warm_start_and_answer_objective(tiny_llava_dir, tmp_path):
     assert main(["search", *small_run(tiny_llava_dir, out, tmp_path / "cache"), "--metric", "wanda",
                  "--sparsity", "0.5", "--blocks", "2", "--trials", "2", "--warm-start", "owl",
                  "--objective", "mix", "--objective-weight", "0.5"]) == 0
-    study = optuna.load_study(study_name="adaspkv-wanda-s0.5-b2-seed0", storage=f"sqlite:///{out}/study.db")
+    study = optuna.load_study(study_name=art.read_plan(out).provenance.study_name, storage=f"sqlite:///{out}/study.db")
     uniform, warm = study.trials[:2]
     assert uniform.params == {"block_0": 0, "block_1": 0}
     # the OWL plan, block-averaged and snapped to the grid (offsets in steps of 0.025)
@@ -139,7 +142,7 @@ def test_warm_start_and_answer_objective(tiny_llava_dir, tmp_path):
     from offline_search.search.compress import _owl_layers, cached_calibration
 
     model, processor = load_llava(tiny_llava_dir)
-    stats, _, hit = cached_calibration(model, processor, tiny_llava_dir,
+    stats, _, hit = cached_calibration(model, processor, art.model_sha256(tiny_llava_dir),
                                        CalibrationConfig(text_windows=2, image_samples=2), tmp_path / "cache")
     assert hit
     layers = _owl_layers(stats, Pruner(model, stats, "wanda"), 0.5, model.config.text_config.num_hidden_layers)
@@ -147,7 +150,7 @@ def test_warm_start_and_answer_objective(tiny_llava_dir, tmp_path):
     expected = allocation.block_means(layers, allocation.layer_blocks(len(layers), 2), grid)
     assert [0.5 + 0.025 * warm.params[f"block_{b}"] for b in range(2)] == pytest.approx(expected)
     plan = art.read_plan(out)
-    assert "answer NLL" in plan.evaluation["objective"] and plan.evaluation["pruned"] > 0
+    assert "answer NLL" in plan.evaluation.objective and plan.evaluation.pruned > 0
 
 
 def test_eval_of_a_kv_only_artifact(tiny_llava_dir, tmp_path):
@@ -189,13 +192,32 @@ def test_kv_search_modes(tiny_llava_dir, tmp_path, mode, extra):
     assert plan.kv_quant.group_size == 32
 
 
+def test_the_same_out_folder_with_another_model_or_structure_starts_another_study(tiny_llava_dir, tmp_path):
+    """Resuming must not mix models: the study name and settings carry the model's hash, --nm, --warm-start."""
+    from offline_search.kit.tiny_llava import TinyLlavaSpec, make_tiny_llava
+
+    other = make_tiny_llava(tmp_path / "other", TinyLlavaSpec(seed=1))
+    out = tmp_path / "art"
+    names = []
+    for model, extra in ((tiny_llava_dir, []), (other, []), (tiny_llava_dir, ["--warm-start", "owl"])):
+        assert main(["search", *small_run(model, out, tmp_path / "cache"), "--metric", "wanda", "--sparsity", "0.5",
+                     "--trials", "2", *extra]) == 0
+        plan = art.read_plan(out)
+        assert plan.base_model.sha256 == art.model_sha256(model)
+        names.append(plan.provenance.study_name)
+    assert len(set(names)) == 3
+    studies = optuna.get_all_study_summaries(f"sqlite:///{out}/study.db")
+    assert sorted(s.study_name for s in studies) == sorted(names)
+    assert all(s.n_trials == 2 for s in studies)  # none continued another's trials
+
+
 def test_kv_only_search_writes_no_masks(tiny_llava_dir, tmp_path):
     out = tmp_path / "kv"
     main(["search", *small_run(tiny_llava_dir, out, tmp_path / "cache"), "--sparsity", "0",
           "--allocation", "uniform", "--kv-bits-budget", "4", "--trials", "3", "--objective", "kl"])
     plan = art.read_plan(out)
     assert plan.mean_kv_bits() <= 4 and not (out / art.MASK_FILE).exists()
-    assert "KL" in plan.evaluation["objective"] and plan.evaluation["dense"] == 0 < plan.evaluation["pruned"]
+    assert "KL" in plan.evaluation.objective and plan.evaluation.dense == 0 < plan.evaluation.pruned
     assert all(s == 0 for layer in plan.layers for s in layer.sparsity.values())
 
 
@@ -212,3 +234,19 @@ def test_the_issue_command_on_shapes_llava(tmp_path, capsys):
     assert plan.mean_sparsity(weight_sizes(resolve_model("shapes-llava"))) == pytest.approx(0.5, abs=0.005)
     assert plan.num_layers() == 4 and plan.mean_kv_bits() <= 6
     assert "x one bare evaluation" in capsys.readouterr().out
+
+
+def test_a_crash_while_exporting_leaves_no_artifact(tiny_llava_dir, tmp_path, monkeypatch):
+    """Export used to write the plan before the checkpoint: a crash left an artifact that looked valid."""
+    out = tmp_path / "art"
+    args = ["prune", *small_run(tiny_llava_dir, out, tmp_path / "cache"), "--metric", "wanda", "--sparsity", "0.5"]
+    assert main(args) == 0 and art.is_artifact(out)
+
+    def crash(model, processor, out_dir):
+        (out_dir / "model.safetensors").write_bytes(b"half a checkpo")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("offline_search.search.export.save_llava_checkpoint", crash)
+    with pytest.raises(OSError, match="disk full"):
+        main([*args, "--full-checkpoint"])
+    assert not art.is_artifact(out)  # neither the old plan nor a new one over half a checkpoint

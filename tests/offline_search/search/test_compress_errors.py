@@ -73,7 +73,7 @@ def test_calibration_image_folder(tiny_llava_dir, tmp_path):
     run(tmp_path, "--metric", "wanda", "--sparsity", "0.5", "--calibration-images", str(folder),
         "--allocation", "das", "--calibration-windows", "1", "--objective-windows", "1",
         model=tiny_llava_dir, command="prune")
-    assert art.read_plan(tmp_path / "art").provenance["calibration"]["images"] == str(folder)
+    assert art.read_plan(tmp_path / "art").provenance.calibration["images"] == str(folder)
 
 
 def test_calibration_text_from_a_datasets_dataset(tmp_path, monkeypatch):

@@ -136,7 +136,9 @@ def test_other_base_model(tmp_path, tiny_llava_dir, artifact):
 
 def test_base_model_gone(artifact, tmp_path):
     rewrite_plan(artifact, **{"base_model.path": str(tmp_path / "nowhere")})
-    with pytest.raises(ArtifactError, match=r"has no config.json .*export with --full-checkpoint"):
+    with pytest.raises(ArtifactError, match=r"the base model \(sha256 [0-9a-f]{12}...\) is not at .*nowhere \(base_model.path = .*, no config.json "
+                                      r"there\); put it there, set ADASPKV_BASE_MODEL to its directory, or export with "
+                                      r"--full-checkpoint"):
         open_artifact(artifact)
 
 
@@ -184,3 +186,65 @@ def test_routing_serves_the_base_model_and_its_tokenizer(artifact, tiny_llava_di
     assert args.hf_overrides["architectures"] == ["AdaspkvLlavaForConditionalGeneration"]
     # --tokenizer ART_DIR (what `vllm bench` sets by default) means the base model's tokenizer
     assert args.tokenizer == (given if tokenizer == "other" else str(tiny_llava_dir.resolve()))
+
+
+def _prune(model_dir, out, cache, *extra):
+    from offline_search.cli.main import main
+
+    assert main(["prune", "--model", str(model_dir), "--out", str(out), "--cache-dir", str(cache), "--metric",
+                 "magnitude", "--sparsity", "0.5", "--calibration-windows", "1", "--calibration-samples", "1",
+                 "--objective-windows", "1", "--objective-samples", "1", *extra]) == 0
+    return out
+
+
+def test_a_moved_artifact_finds_its_moved_base_model(tmp_path, tiny_llava_dir):
+    """Prune a copy of a base model, move the base and the artifact to another folder: still served."""
+    shutil.copytree(tiny_llava_dir, tmp_path / "old" / "base")
+    _prune(tmp_path / "old" / "base", tmp_path / "old" / "art", tmp_path / "cache")
+    assert read_plan(tmp_path / "old" / "art").base_model.path == "../base"
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    served = open_artifact(tmp_path / "new" / "art")
+    assert served.model_dir == (tmp_path / "new" / "base").resolve() and served.has_masks
+
+
+def test_the_base_model_can_be_pointed_at_and_is_checked_by_hash(tmp_path, tiny_llava_dir, monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_adaspkv.engine.routing import route_artifact
+    from vllm_adaspkv.engine.serving_plan import BASE_MODEL_ENV
+    from vllm_adaspkv.engine.settings import served_model_dir
+
+    shutil.copytree(tiny_llava_dir, tmp_path / "base")
+    art = _prune(tmp_path / "base", tmp_path / "art", tmp_path / "cache")
+    shutil.move(tmp_path / "base", tmp_path / "elsewhere")
+    with pytest.raises(ArtifactError, match=r"is not at .*/base \(base_model.path = '../base'.*set ADASPKV_BASE_MODEL"):
+        route_artifact(EngineArgs(model=str(art)))
+    monkeypatch.setenv(BASE_MODEL_ENV, str(tmp_path / "elsewhere"))
+    args = EngineArgs(model=str(art))
+    route_artifact(args)
+    assert args.model == str((tmp_path / "elsewhere").resolve())
+    assert served_model_dir(args.additional_config) == args.model  # what the workers load
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llava_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["text_config"]["rms_norm_eps"] = 1e-3
+    (other / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv(BASE_MODEL_ENV, str(other))
+    with pytest.raises(ArtifactError, match="this artifact was made from another model"):
+        route_artifact(EngineArgs(model=str(art)))
+
+
+def test_a_full_checkpoint_is_checked_by_its_hash(tmp_path, tiny_llava_dir):
+    from safetensors.torch import load_file, save_file
+
+    art = _prune(tiny_llava_dir, tmp_path / "art", tmp_path / "cache", "--full-checkpoint")
+    plan = read_plan(art)
+    assert plan.full_checkpoint and plan.checkpoint_sha256
+    assert open_artifact(art).model_dir == art.resolve()
+    weights = load_file(art / "model.safetensors")
+    key = next(k for k in weights if k.endswith("mlp.up_proj.weight"))
+    weights[key] = weights[key] * 2  # same zeros, other weights
+    save_file(weights, art / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ArtifactError, match=r"checkpoint_sha256 [0-9a-f]{12}... does not match the checkpoint in "
+                                            r".*art \(hash [0-9a-f]{12}...\): its files were changed after export"):
+        open_artifact(art)

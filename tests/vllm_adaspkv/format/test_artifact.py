@@ -73,9 +73,10 @@ def test_pack_rejects_wrong_inputs():
 # --- writing and reading ---------------------------------------------------------------------------------------
 
 def test_write_read_round_trip(tmp_path):
-    masks = half_masks()
+    masks = half_masks(shape=(4, 8))  # every other weight kept: also 2 of every 4
     written = plan(structure="2:4", allocation="owl", kv_quant=KVQuantScheme(group_size=64, symmetric=True),
-                   full_checkpoint=True, provenance={"seed": 3, "trial": 7}, evaluation={"ppl": 12.5})
+                   full_checkpoint=True, checkpoint_sha256="1" * 64, provenance={"seed": 3, "trial": 7},
+                   evaluation={"objective": "ppl", "dense": 12.0, "pruned": 12.5, "mean_sparsity": 0.5})
     assert write_artifact(tmp_path / "art", written, masks) == tmp_path / "art"  # creates the folder
     assert read_plan(tmp_path / "art") == written
     read = read_masks(tmp_path / "art", written)
@@ -103,7 +104,9 @@ def test_plan_without_masks_removes_stale_masks(tmp_path):
     assert not (tmp_path / MASK_FILE).exists()
 
 
-def test_a_crash_while_writing_keeps_the_old_file(tmp_path, monkeypatch):
+def test_a_crash_while_writing_leaves_no_artifact_and_no_half_file(tmp_path, monkeypatch):
+    """The old plan goes first, the new one comes last: a crash in between leaves a folder that is no
+    artifact (not an old plan over new files), and the file being written is never half replaced."""
     write_artifact(tmp_path, plan(), half_masks())
     before = (tmp_path / MASK_FILE).read_bytes()
 
@@ -116,7 +119,9 @@ def test_a_crash_while_writing_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_artifact(tmp_path, plan(), half_masks())
     assert (tmp_path / MASK_FILE).read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == [PLAN_FILE, MASK_FILE]  # the temporary is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MASK_FILE]  # the temporary is gone, and the plan
+    with pytest.raises(ArtifactError, match="not an adaspkv artifact"):
+        read_plan(tmp_path)
 
 
 # --- derived values ----------------------------------------------------------------------------------------------
@@ -159,6 +164,16 @@ def test_mean_sparsity_and_bits_by_hand():
     ({"metrc": "wanda"}, r"adaspkv.json: metrc: unknown field; allowed format_version, base_model, layers, metric, structure"),
     ({"full_checkpoint": "yes"}, r"full_checkpoint = 'yes': must be true or false"),
     ({"provenance": []}, r"provenance = \[\]: must be an object"),
+    # informational fields are checked like the rest
+    ({"evaluation": {"objective": "ppl", "dense": 1.0, "pruned": 2.0, "mean_sparsity": 1.5}},
+     r"evaluation.mean_sparsity = 1.5: must be less than 1$"),
+    ({"evaluation": {"objective": "ppl", "dense": "1.0", "pruned": 2.0, "mean_sparsity": 0.5}},
+     r"evaluation.dense = '1.0': must be a valid number$"),
+    ({"evaluation": {"ppl": 12.5}}, r"evaluation.objective: missing"),
+    ({"provenance": {"trial": -1}}, r"provenance.trial = -1: must be greater than or equal to 0$"),
+    ({"provenance": {"trail": 3}}, r"provenance.trail: unknown field; allowed calibration, objective, seed"),
+    ({"full_checkpoint": True}, r"full_checkpoint = true needs checkpoint_sha256"),
+    ({"checkpoint_sha256": "1" * 64}, r"checkpoint_sha256 is set but full_checkpoint is false"),
 ])
 def test_bad_plan_fields(tmp_path, change, message):
     write_plan_json(tmp_path, plan().to_json() | change)
@@ -304,3 +319,19 @@ def test_check_base_model(tmp_path):
     with pytest.raises(ArtifactError, match=r"art/adaspkv.json: base_model.sha256 000000000000... does not match "
                                             r".* \(hash [0-9a-f]{12}...\): this artifact was made from another model"):
         check_base_model(plan(), tmp_path, "art/adaspkv.json")
+
+
+def test_n_of_m_masks_are_checked_group_by_group(tmp_path):
+    two_of_four = torch.tensor([[True, False, True, False, False, True, True, False]])  # 2 of each 4 kept
+    masks = {mask_key(0, name): two_of_four for name in LINEARS}
+    nm_plan = plan(layers=1, sparsity=0.5, structure="2:4")
+    write_artifact(tmp_path, nm_plan, masks)
+    assert read_masks(tmp_path, nm_plan).keys() == masks.keys()
+    # the same sparsity, but three of the first four inputs kept
+    masks[mask_key(0, "mlp.up_proj")] = torch.tensor([[True, True, True, False, False, False, True, False]])
+    with pytest.raises(ArtifactError, match=r"mlp.up_proj.weight: row 0, inputs 0..3 keep 3 of 4; structure 2:4 "
+                                            r"allows 2$"):
+        write_artifact(tmp_path, nm_plan, masks)
+    masks[mask_key(0, "mlp.up_proj")] = torch.tensor([[True, False, True, False, True, False]])
+    with pytest.raises(ArtifactError, match=r"a 2:4 mask needs rows divisible into groups of 4, not shape \(1, 6\)"):
+        write_artifact(tmp_path, nm_plan, masks)
