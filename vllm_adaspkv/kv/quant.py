@@ -19,6 +19,10 @@ import torch
 
 KV_BITS = (16, 8, 6, 4, 2)
 SCALE_BYTES = 4  # fp16 scale + fp16 zero point per group
+# fp16's largest finite value. Real models' keys and values reach it (SmolLM2's residual stream exceeds
+# 20,000, and a group's range can be several times that): scales, zero points and 16-bit values are
+# clamped to it before they are stored, so no group turns into inf or NaN; values beyond it clip.
+FP16_MAX = 65504.0
 
 
 def check_layout(bits: int, head_dim: int, group: int) -> None:
@@ -55,13 +59,13 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     head_dim = x.shape[-1]
     check_layout(bits, head_dim, group)
     if bits == 16:
-        return x.to(torch.float16).view(torch.uint8).reshape(*x.shape[:-1], 2 * head_dim)
+        return x.float().clamp(-FP16_MAX, FP16_MAX).to(torch.float16).view(torch.uint8).reshape(*x.shape[:-1], 2 * head_dim)
     g = x.float().reshape(*x.shape[:-1], head_dim // group, group)  # [..., groups, group]
     low, high = torch.aminmax(g, dim=-1, keepdim=True)
     levels = 2**bits - 1
     # fp16 first, then quantize against the stored (rounded) values: what dequantize will read
-    scale = ((high - low) / levels).to(torch.float16)
-    zero = low.to(torch.float16)
+    scale = ((high - low) / levels).clamp_(max=FP16_MAX).to(torch.float16)
+    zero = low.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
     safe = scale.float().masked_fill_(scale == 0, 1.0)  # a constant group: codes 0
     q = torch.round((g - zero.float()) / safe).clamp_(0, levels).to(torch.uint8)  # [..., groups, group]
     codes = _pack(q.reshape(*x.shape[:-1], head_dim), bits)  # [..., head_dim * bits / 8]
@@ -95,7 +99,7 @@ def dequantize(packed: torch.Tensor, bits: int, head_dim: int, group: int,
 def fake_quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """dequantize(quantize(x)): what attention reads back from the cache, in x's dtype."""
     if bits == 16:
-        return x.to(torch.float16).to(x.dtype)
+        return x.float().clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(x.dtype)
     return dequantize(quantize(x, bits, group), bits, x.shape[-1], group, x.dtype)
 
 

@@ -32,13 +32,15 @@ def garbage_cache(blocks: int, block_size: int, fmt: KVFormat, tokens_first: boo
 
 def special_values(x: torch.Tensor, bits: int, group: int, gen) -> None:
     """Rows that stress the rounding: exact .5 ties (range 0..levels, so scale 1 and zero 0 in fp16:
-    round-half-even decides the codes), a constant group (scale 0: divide by 1) and a wide range."""
+    round-half-even decides the codes), a constant group (scale 0: divide by 1), a wide range and
+    values beyond fp16's range."""
     levels = 2 ** min(bits, 8) - 1
     ties = torch.randint(0, 2 * levels + 1, (group,), generator=gen).float() / 2
     ties[0], ties[1] = 0.0, float(levels)
     x[0, 0, :group] = ties
     x[1, 0, :group] = 1.7
     x[2, 1] *= 100
+    x[3, 0] *= 1e5  # beyond fp16's range: scales, zero points and 16-bit values are clamped, never inf
 
 
 WRITE_CASES = [(bits, 64, group, rotate, tokens_first)

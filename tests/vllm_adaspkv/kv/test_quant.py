@@ -89,3 +89,19 @@ def test_hadamard_by_hand_and_rotation_round_trip():
     plain = (fake_quantize(x, 4, 32) - x).pow(2).mean()
     rotated = (fake_quantize_rotated(x, 4, 32) - x).pow(2).mean()
     assert rotated < plain
+
+
+@pytest.mark.parametrize("bits", [16, 8, 6, 4, 2])
+def test_values_beyond_fp16_range_give_finite_codes_scales_and_values(bits):
+    """Keys of real models reach tens of thousands; a group spanning +-1e5 used to store inf scales."""
+    x = torch.tensor([[-1.0e5, -2.0, 0.0, 3.0, 7.0e4, 1.0e5, 5.0, -6.0]])  # [1, 8], one group of 8
+    back = dequantize(quantize(x, bits, 8), bits, 8, 8)
+    assert torch.isfinite(back).all()
+    if bits == 16:  # clamped to fp16's range
+        assert back[0, 0] == -65504 and back[0, 5] == 65504 and back[0, 1] == -2
+    else:  # the zero point clamps to -65504, the scale to at most 65504: the extremes clip, no inf
+        assert back.min() >= -65504 and back.max() <= 65504 * 2 ** bits
+        assert back[0, 0] == -65504
+    # a group within fp16's range is stored as it was before the clamp
+    y = torch.randn(4, 64) * 100
+    assert torch.equal(quantize(y, bits, 32)[..., :], quantize(y.clamp(-65504, 65504), bits, 32))

@@ -34,8 +34,10 @@ inline float load_half(const uint8_t* p) {
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
 }
 
+constexpr float kHalfMax = 65504.f;  // quant.FP16_MAX: stored values are clamped to fp16's range
+
 inline void store_half(uint8_t* p, float x) {
-  uint16_t bits = c10::Half(x).x;  // round to nearest even, as torch's .to(float16)
+  uint16_t bits = c10::Half(std::clamp(x, -kHalfMax, kHalfMax)).x;  // nearest even, as torch's .to(float16)
   std::memcpy(p, &bits, 2);
 }
 
@@ -101,7 +103,8 @@ void encode_row(const float* x, const RowFormat& f, uint8_t* row, uint8_t* q) {
       low = std::min(low, xg[i]);
       high = std::max(high, xg[i]);
     }
-    const c10::Half scale16((high - low) / static_cast<float>(levels)), zero16(low);
+    const c10::Half scale16(std::min((high - low) / static_cast<float>(levels), kHalfMax)),
+        zero16(std::clamp(low, -kHalfMax, kHalfMax));
     const float scale = static_cast<float>(scale16), zero = static_cast<float>(zero16);
     const float safe = scale > 0.f ? scale : 1.f;  // a constant group: codes 0
     for (int64_t i = 0; i < f.group; ++i) {

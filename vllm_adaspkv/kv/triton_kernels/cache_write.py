@@ -31,7 +31,7 @@ def _round_half_even(y):
 @triton.jit
 def _store_f16(ptr, x, mask):
     """fp32 -> fp16 (round to nearest even, as torch's .to) stored as two little-endian bytes."""
-    bits = x.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.int32)
+    bits = tl.minimum(tl.maximum(x, -65504.0), 65504.0).to(tl.float16).to(tl.uint16, bitcast=True).to(tl.int32)
     tl.store(ptr, (bits & 0xFF).to(tl.uint8), mask=mask)
     tl.store(ptr + 1, (bits >> 8).to(tl.uint8), mask=mask)
 
@@ -66,8 +66,10 @@ def _quantize_store(x_ptr, row_ptr, valid, BITS: tl.constexpr, HEAD_DIM: tl.cons
         high = tl.where(g_real, high, 0.0)
         # fp16 first, then codes against the stored (rounded) values, as quant.quantize;
         # div_rn: IEEE division like torch's (Triton's `/` is an approximate division on CUDA)
-        scale = tl.math.div_rn(high - low, tl.full([NG_P], LEVELS, tl.float32)).to(tl.float16).to(tl.float32)
-        zero = low.to(tl.float16).to(tl.float32)
+        # clamped to fp16's range (quant.FP16_MAX), so that no group of huge values turns into inf
+        scale = tl.minimum(tl.math.div_rn(high - low, tl.full([NG_P], LEVELS, tl.float32)), 65504.0)
+        scale = scale.to(tl.float16).to(tl.float32)
+        zero = tl.minimum(tl.maximum(low, -65504.0), 65504.0).to(tl.float16).to(tl.float32)
         safe = tl.where(scale > 0, scale, 1.0)
         y = tl.math.div_rn(x - zero[:, None, None], tl.broadcast_to(safe[:, None, None], (NG_P, W_P, PER)))
         q = tl.minimum(tl.maximum(_round_half_even(y), 0.0), LEVELS).to(tl.int32)  # [NG_P, W_P, PER]
