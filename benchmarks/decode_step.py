@@ -15,7 +15,7 @@ Plans (--plans, comma separated); "vs bf16" divides by the better of the 16-bit 
     bf16 or 16  the kernels' 16-bit format, which stores raw fp16 rows (the model runs in bf16)
     8, 6, 4, 2  every layer at that width (groups of --group values, fp16 scale and zero per group)
     mixed:8/4   bits per layer, the list cycled over the layers (8, 4, 8, 4, ...)
-Each kernel plan's first step is checked call by call against paged_kv (the PyTorch reference), and
+Each kernel plan's first step is checked call by call against kv.paged (the PyTorch reference), and
 layer 0 of bf16's against sdpa-bf16's; a failed check makes the exit code 1.
 
     python benchmarks/decode_step.py --cuda-graph --json results/decode_step.json
@@ -49,7 +49,7 @@ BF16 = torch.bfloat16
 # batches of 2 (16-bit) to 8 (4-bit); 2 KV heads for 4 query heads so the GQA wiring is exercised.
 DRY_RUN = dict(layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, mlp=512, vocab=1000,
                kv_budget_bytes=128 << 10, context=32, steps=2, warmup=1)
-CHECK_TOL = 1e-3  # kernel vs paged_kv attention in fp32: max |difference| over max |reference|
+CHECK_TOL = 1e-3  # kernel vs kv.paged attention in fp32: max |difference| over max |reference|
 CROSS_TOL = 2e-2  # kernels' 16-bit vs sdpa-bf16, bf16 outputs: about 2.5 units of bf16's last bit
 
 
@@ -236,12 +236,12 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 class Checked:
-    """The ops of a plan's first step: the kernels' results go on, each call compared with paged_kv's
+    """The ops of a plan's first step: the kernels' results go on, each call compared with kv.paged's
     (the PyTorch reference) on the same inputs, so no difference carries between layers (bf16
     rounding noise grown through 32 layers of logits would swamp any useful tolerance)."""
 
-    def __init__(self, kernels, paged_kv):
-        self.kernels, self.ref, self.bad_rows, self.attn_err = kernels, paged_kv, 0, 0.0
+    def __init__(self, kernels, reference):
+        self.kernels, self.ref, self.bad_rows, self.attn_err = kernels, reference, 0, 0.0
 
     def write(self, cache, key, value, slots, fmt):
         self.kernels.write(cache, key, value, slots, fmt)
@@ -292,7 +292,7 @@ def time_steps(cfg: Config, dec: Decoder, kernels) -> tuple[float, str]:
     return start.elapsed_time(end) / cfg.steps, how
 
 
-def run_plan(cfg: Config, model: Model, plan: Plan, device: str, kernels, paged_kv):
+def run_plan(cfg: Config, model: Model, plan: Plan, device: str, kernels, reference):
     """-> the plan's row, and layer 0's attention [B, H, D] in its first step (None unchecked)."""
     cap = capacity(cfg, plan)
     if cap["batch"] < 1:
@@ -301,9 +301,9 @@ def run_plan(cfg: Config, model: Model, plan: Plan, device: str, kernels, paged_
     row = dict(plan=plan.name, mean_bits=sum(plan.bits) / len(plan.bits), bits=list(plan.bits), **cap)
     first = None
     dec = Decoder(cfg, model, plan, cap, device)
-    dec.fill(paged_kv if cfg.dry_run else kernels)  # same bytes; the interpreter would take minutes
+    dec.fill(reference if cfg.dry_run else kernels)  # same bytes; the interpreter would take minutes
     if cfg.check:
-        ops = kernels if plan.sdpa else Checked(kernels, paged_kv)
+        ops = kernels if plan.sdpa else Checked(kernels, reference)
         dec.step(ops)
         first = dec.attn0.clone()
         if not plan.sdpa:

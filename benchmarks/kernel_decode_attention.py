@@ -152,7 +152,7 @@ def main() -> int:
         if r["ms"] is None:
             print(f"{r['name']:38} {'-':>8} {'-':>8} {'-':>7} {'-':>8}  {r['note']}")
             continue
-        note = r.get("note") or (f"max |err| vs paged_kv {r['max_abs_err_vs_paged_kv']:.1e}, "
+        note = r.get("note") or (f"max |err| vs kv.paged {r['max_abs_err_vs_paged_kv']:.1e}, "
                                  f"write step {r['write_step_ms'] * 1e3:.0f} us")
         print(f"{r['name']:38} {r['ms']:8.3f} {r['kv_bytes'] / 2**20:8.0f} {r['gbps']:7.0f} "
               f"{r['gbps'] / copy:8.0%}  {note}")

@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 from demo.chat import AnswerStats, DemoError, Endpoint, build_messages, checked_image_url, stream_answer
 from demo.plots import capacity_summary, kv_bits_figure, profile_markdown, sparsity_figure
 from vllm_adaspkv.format import StrictModel, read_geometry, read_plan
-from vllm_adaspkv.format.strict import LaxPath
+from vllm_adaspkv.format.strict import AsTuple, LaxPath
 
 STATUS_ID = "demo-status"  # elem_ids the browser test looks for
 QUESTION_ID = "demo-question"
@@ -39,7 +39,7 @@ class AppConfig(StrictModel):
     artifact: LaxPath | None = None  # shown in the profile panel
     max_tokens: Annotated[int, Field(ge=1)] = 32
     history_turns: Annotated[int, Field(ge=0)] = 0  # earlier question/answer pairs about the same image sent with a question
-    examples: tuple[Example, ...] = ()
+    examples: Annotated[tuple[Example, ...], AsTuple] = ()
     title: str = "adaspkv: image chat with a compressed LLaVA"
 
     @field_validator("examples")

@@ -18,6 +18,7 @@ import argparse
 from pathlib import Path
 
 from demo.launch import ASSETS, DemoConfig
+from offline_search.cli.extras import require_extra
 
 HELP = "image chat in the browser with a compressed LLaVA served by vllm serve --plugin adaspkv"
 
@@ -89,6 +90,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_extra("demo", "gradio", "optuna", "matplotlib")  # the first run searches an artifact
     from demo.chat import DemoError
     from demo.launch import SearchFailed, run_app, run_once, stop_signals
     from offline_search.evaluation.vllm_server import ServerStartError

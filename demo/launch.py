@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from demo.chat import Endpoint
 from offline_search.data.bundled_models import BUNDLED_MODELS, resolve_model
 from vllm_adaspkv.format import StrictModel, is_artifact
-from vllm_adaspkv.format.strict import LaxPath, ServerUrl
+from vllm_adaspkv.format.strict import LaxPath, PathText, ServerUrl
 
 ASSETS = Path(__file__).parent / "assets"
 SERVED_NAME = "adaspkv-demo"
@@ -37,8 +37,8 @@ class SearchFailed(RuntimeError):
 
 
 class DemoConfig(StrictModel):
-    model: str = "shapes-llava"  # bundled model name or checkpoint directory
-    artifact: str = "auto"  # artifact directory, "auto" (the model's default one) or "none"
+    model: PathText = "shapes-llava"  # bundled model name or checkpoint directory
+    artifact: PathText = "auto"  # artifact directory, "auto" (the model's default one) or "none"
     server_url: ServerUrl | None = None  # an already running server: nothing is started for it
     dense_server_url: ServerUrl | None = None
     compare_dense: bool = False  # side-by-side answers of the dense model
@@ -87,17 +87,30 @@ def search_command(model: str, out: Path, trials: int) -> list[str]:
 
 
 def ensure_artifact(model: str, model_dir: Path, out: Path, trials: int) -> Path:
-    """The artifact in `out`, searched on first use (about a minute for shapes-llava on 2 CPU cores)."""
-    from vllm_adaspkv.format import ArtifactError, base_model_dir, read_plan
+    """The artifact in `out`, searched on first use (about a minute for shapes-llava on 2 CPU cores).
+    One whose base model is gone from where it points (an older release, a moved installation) is
+    pointed at `model_dir` when that has the base's content hash, and searched again otherwise; one
+    made from another model that is still there is refused."""
+    from vllm_adaspkv.format import ArtifactError, base_model_dir, model_sha256, read_plan, relocate_base_model
 
     if (out / "adaspkv.json").is_file():
-        plan = read_plan(out)
-        if base_model_dir(plan, out).resolve() != model_dir.resolve():
-            raise ArtifactError(f"{out} was made from {base_model_dir(plan, out)}, not {model_dir}; delete it or "
-                                "pass --artifact")
-        return out
-    print(f"No artifact for {model} yet: searching one in {trials} trials into {out} (first run only) ...",
-          flush=True)
+        try:
+            plan = read_plan(out)
+        except ArtifactError as exc:
+            print(f"The demo's artifact {out} cannot be read ({exc}); searching it again", flush=True)
+        else:
+            base = base_model_dir(plan, out)
+            if base.resolve() == model_dir.resolve():
+                return out
+            if (base / "config.json").is_file():
+                raise ArtifactError(f"{out} was made from {base}, not {model_dir}; delete it or pass --artifact")
+            if model_sha256(model_dir) == plan.base_model.sha256:  # the same model, moved
+                relocate_base_model(out, model_dir)
+                return out
+            print(f"The demo's artifact {out} was made from {base}, which is gone; searching it again", flush=True)
+    else:
+        print(f"No artifact for {model} yet: searching one in {trials} trials into {out} (first run only) ...",
+              flush=True)
     log = out.parent / f"{out.name}-search.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:

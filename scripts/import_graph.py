@@ -23,7 +23,8 @@ LAYERS = (
     ("vllm_adaspkv", "offline_search.model"),
     ("offline_search.search", "offline_search.evaluation"),
     ("offline_search.kit",),
-    ("offline_search.cli", "demo"),
+    ("offline_search.cli",),
+    ("demo",),  # its subcommand plugs into the CLI (entry point); it uses the CLI's extras check
 )
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 

@@ -51,7 +51,7 @@ def test_decode_step_dry_run_checks_kernels_and_sizes_batches_by_the_budget(tmp_
             (token_bytes, blocks, per_request, blocks // per_request), r["plan"]
         assert r["batch"] == min(r["max_batch"], cfg["max_batch"]) >= 1
         assert r["step_ms"] > 0 and r["tokens_per_s"] > 0
-        if r["plan"] != "sdpa-bf16":  # kernels against paged_kv, call by call, in the first step
+        if r["plan"] != "sdpa-bf16":  # kernels against kv.paged, call by call, in the first step
             assert r["check_ok"] and r["check_write_bad_rows"] == 0, r
     by_plan = {r["plan"]: r for r in rows}
     assert by_plan["sdpa-bf16"]["batch"] == by_plan["bf16"]["batch"] < by_plan["6"]["batch"]

@@ -55,7 +55,7 @@ def test_pure_math_imports_no_model_file_optuna_or_argparse():
             return False  # functions of tensors, not modules
         return any(name == f or name.startswith(f + ".") for f in forbidden)
 
-    assert len(pure) == 10
+    assert {"offline_search.core.metrics", "offline_search.core.masks", "offline_search.core.sparsegpt"} <= pure
     assert {m: sorted(filter(is_forbidden, ALL_IMPORTS[m])) for m in pure if any(map(is_forbidden, ALL_IMPORTS[m]))} == {}
 
 

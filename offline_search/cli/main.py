@@ -1,9 +1,10 @@
 """The `adaspkv` command: one entry point, one subcommand per job.
 
-Subcommands are the modules registered under the entry-point group `adaspkv.commands` (this
-package's search, prune, eval and train-tiny; the demo's own), each with HELP, add_arguments(parser)
-and run(args) -> int. They import torch, Optuna and friends only inside `run`, so that
-`adaspkv --help` answers at once. A subcommand whose extra is not installed says which to install.
+A subcommand is a module with HELP, add_arguments(parser) and run(args) -> int: this package's
+search, prune, eval and train-tiny, and those other packages register under the entry-point group
+`adaspkv.commands` (the demo registers `demo`, so that nothing here imports the demo). Optuna, Gradio
+and the other libraries of an extra are imported inside `run`; `run` first calls `require_extra`, so
+that a missing extra is named before any model is loaded.
 """
 
 from __future__ import annotations
@@ -12,12 +13,23 @@ import argparse
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
+from types import ModuleType
 
+from offline_search.cli import eval as eval_command
+from offline_search.cli import prune, search, train
 from vllm_adaspkv import __version__
 
 GROUP = "adaspkv.commands"
-# What `pip install vllm-adaspkv` leaves out, by the module that would be missing: the extra that has it.
-EXTRA_OF_MODULE = {"optuna": "search", "datasets": "search", "matplotlib": "search", "gradio": "demo"}
+OWN_COMMANDS: dict[str, ModuleType] = {"search": search, "prune": prune, "eval": eval_command, "train-tiny": train}
+
+
+def subcommands() -> dict[str, ModuleType]:
+    """This package's subcommands, then those registered by other installed packages."""
+    found = dict(OWN_COMMANDS)
+    for entry in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+        if entry.name not in found:
+            found[entry.name] = entry.load()
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,9 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for entry in sorted(entry_points(group=GROUP), key=lambda e: e.name):
-        module = entry.load()
-        sub = subparsers.add_parser(entry.name, help=module.HELP, description=module.__doc__)
+    for name, module in subcommands().items():
+        sub = subparsers.add_parser(name, help=module.HELP, description=module.__doc__)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser
@@ -44,14 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    try:
-        return args.run(args)
-    except ModuleNotFoundError as exc:
-        extra = EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
-        if extra is None:
-            raise
-        raise SystemExit(f"adaspkv {args.command}: needs {exc.name}, which comes with the {extra!r} extra: "
-                         f"pip install 'vllm-adaspkv[{extra}]'") from None
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from offline_search.cli.extras import require_extra
 from offline_search.core.masks import parse_nm
 from offline_search.core.metrics import METRICS
 from offline_search.model.calibration import CalibrationConfig
 from offline_search.model.objective import OBJECTIVES, ObjectiveConfig
-from offline_search.search.config import ALLOCATIONS, KV_SEARCHES, CompressConfig
+from offline_search.search.config import ALLOCATIONS, KV_SEARCHES, WARM_STARTS, CompressConfig
 from vllm_adaspkv.format import KEY_ROTATIONS
 from vllm_adaspkv.kv.quant import KV_BITS
 
@@ -81,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--blocks", type=int, default=None,
                        help="contiguous groups of layers sharing one sparsity; the number of layers for "
                             "one per layer (default: 8, or one per layer if the model has fewer)")
-    group.add_argument("--warm-start", choices=("owl", "das"), default=None,
+    group.add_argument("--warm-start", choices=WARM_STARTS, default=None,
                        help="enqueue the OWL or DAS plan as the second trial (the uniform plan is the first)")
     group.add_argument("--storage", default=None,
                        help="Optuna storage URL, e.g. postgresql://user@host/db for many workers "
@@ -131,6 +132,7 @@ def _kv_search_args(args: argparse.Namespace) -> dict:
 
 
 def run_command(args: argparse.Namespace, command: str) -> int:
+    require_extra(command, *(("optuna", "matplotlib") if command == "search" else ("matplotlib",)))  # the report's plots
     from offline_search.search.compress import compress
 
     try:

@@ -17,7 +17,7 @@ def check_choices(choices: tuple[int, ...]) -> tuple[int, ...]:
     """Sorted ascending, each one a width the quantizer stores."""
     bad = [b for b in choices if b not in KV_BITS]
     if bad or not choices:
-        raise ValueError(f"--kv-choices {','.join(map(str, choices))}: allowed {', '.join(map(str, KV_BITS))}")
+        raise ValueError(f"allowed {', '.join(map(str, KV_BITS))}")
     return tuple(sorted(set(choices)))
 
 

@@ -8,9 +8,12 @@ same shape as W; higher means more important. SparseGPT is not here: it updates 
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
-METRICS = ("magnitude", "wanda", "lognorm", "sparsegpt")
+Metric = Literal["magnitude", "wanda", "lognorm", "sparsegpt"]
+METRICS: tuple[str, ...] = get_args(Metric)
 # Metrics that rank weights inside each output row (Wanda's observation); magnitude ranks the whole
 # matrix as in the Wanda paper's magnitude baseline. SparseGPT selects inside its column blocks.
 PER_ROW = {"magnitude": False, "wanda": True, "lognorm": True, "sparsegpt": False}

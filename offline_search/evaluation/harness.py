@@ -20,7 +20,7 @@ from offline_search.data.text_data import wikitext_path
 from offline_search.data.vqa_batches import prompt_inputs
 from offline_search.model.llava import model_geometry, model_linears
 from vllm_adaspkv.format import StrictModel, read_geometry
-from vllm_adaspkv.format.strict import ServerUrl
+from vllm_adaspkv.format.strict import AsTuple, PathText, ServerUrl
 
 Task = Literal["wikitext2", "shapesvqa"]
 TASKS: tuple[str, ...] = get_args(Task)
@@ -29,9 +29,9 @@ ANSWER_TOKENS = 4
 
 
 class EvalConfig(StrictModel):
-    model: str  # bundled name or checkpoint directory
-    artifact: str | None = None  # an adaspkv artifact over `model`: its masks are applied
-    tasks: Annotated[tuple[Task, ...], Field(min_length=1)] = TASKS
+    model: PathText  # bundled name or checkpoint directory
+    artifact: PathText | None = None  # an adaspkv artifact over `model`: its masks are applied
+    tasks: Annotated[tuple[Task, ...], AsTuple, Field(min_length=1)] = TASKS
     limit: Annotated[int, Field(ge=1)] | None = None  # at most this many WikiText windows / ShapesVQA questions
     server: ServerUrl | None = None  # an OpenAI-compatible server's base URL
     served_model: str | None = None  # the server's model name (default: its first model)

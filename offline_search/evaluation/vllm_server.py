@@ -20,7 +20,7 @@ import requests
 from pydantic import Field
 
 from vllm_adaspkv.format import StrictModel
-from vllm_adaspkv.format.strict import LaxPath
+from vllm_adaspkv.format.strict import AsTuple, LaxPath, PathText
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -42,12 +42,12 @@ def vllm_command() -> Path:
 
 
 class ServerConfig(StrictModel):
-    model: str
+    model: PathText
     log_file: LaxPath
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, lt=65536)] = 0  # 0: pick a free port
     served_model_name: str | None = None
-    extra_args: tuple[str, ...] = ()
+    extra_args: Annotated[tuple[str, ...], AsTuple] = ()
     env: dict[str, str] = {}
     startup_timeout_s: Annotated[float, Field(gt=0)] = 600.0
 

@@ -9,34 +9,36 @@ from typing import Annotated, Literal, get_args
 from pydantic import Field, field_validator, model_validator
 
 from offline_search.core.kv_plans import check_choices
+from offline_search.core.metrics import Metric
 from offline_search.model.calibration import CalibrationConfig
 from offline_search.model.objective import ObjectiveConfig
 from vllm_adaspkv.format import StrictModel
 from vllm_adaspkv.format.schema import KeyRotation
-from vllm_adaspkv.format.strict import LaxPath, int_choice
+from vllm_adaspkv.format.strict import AsTuple, LaxPath, PathText, int_choice
 from vllm_adaspkv.kv.quant import KV_BITS
 
-Metric = Literal["magnitude", "wanda", "lognorm", "sparsegpt"]
 Allocation = Literal["uniform", "owl", "das", "tpe"]
 ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
 KVSearch = Literal["none", "split", "budget", "pareto"]
 KV_SEARCHES: tuple[str, ...] = get_args(KVSearch)
+WarmStart = Literal["owl", "das"]
+WARM_STARTS: tuple[str, ...] = get_args(WarmStart)
 DEFAULT_BLOCKS = 8
 
 
 class CompressConfig(StrictModel):
-    model: str  # bundled name or checkpoint directory
+    model: PathText  # bundled name or checkpoint directory
     out: LaxPath  # the artifact directory (also holds the study database by default)
     sparsity: Annotated[float, Field(ge=0.0, lt=1.0)]
     metric: Metric
     allocation: Allocation = "tpe"
-    nm: tuple[int, int] | None = None  # N of every M pruned, e.g. (2, 4)
+    nm: Annotated[tuple[int, int], AsTuple] | None = None  # N of every M pruned, e.g. (2, 4)
     blocks: Annotated[int, Field(ge=1)] | None = None  # None: 8, or one per layer when the model has fewer
     trials: Annotated[int, Field(ge=1)] = 50
     storage: str | None = None  # Optuna storage URL; default sqlite:///OUT/study.db
     study_name: str | None = None
     seed: int = 0
-    warm_start: Literal["owl", "das"] | None = None  # enqueue the OWL or DAS plan after the uniform one
+    warm_start: WarmStart | None = None  # enqueue the OWL or DAS plan after the uniform one
     amia: bool = False  # TAMP's token selection feeds the activation norms
     radius: Annotated[float, Field(gt=0.0)] = 0.05  # block sparsities S - radius ... S + radius
     step: Annotated[float, Field(gt=0.0)] = 0.025
@@ -45,7 +47,7 @@ class CompressConfig(StrictModel):
     kv_bits: int_choice(KV_BITS) = 16  # every layer's KV bits when they are not searched
     kv_search: KVSearch = "none"  # split: half 8-bit, half 6-bit; budget: mean <= kv_bits_budget; pareto
     kv_bits_budget: float | None = None
-    kv_choices: tuple[int, ...] = (2, 4, 6, 8, 16)  # ascending after validation
+    kv_choices: Annotated[tuple[int, ...], AsTuple] = (2, 4, 6, 8, 16)  # ascending after validation
     kv_group: Annotated[int, Field(ge=1)] = 32  # quantization group along the head dimension
     kv_key_rotation: KeyRotation = "none"
     full_checkpoint: bool = False

@@ -1,5 +1,3 @@
-import base64
-import io
 import os
 import signal
 import sys
@@ -7,7 +5,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from demo.launch import (
     ASSETS,
@@ -26,8 +23,6 @@ from demo.launch import (
 )
 from offline_search.cli.main import main
 from offline_search.data.bundled_models import resolve_model
-from offline_search.evaluation.openai_chat import image_data_url, image_message
-from offline_search.evaluation.vllm_server import ServerConfig, ServerStartError, VllmServer, free_port
 from vllm_adaspkv.format import ArtifactError, BaseCheckpoint, LayerPlan, Plan, write_artifact
 
 PHOTO = ASSETS / "images" / "waterview.jpg"
@@ -186,36 +181,26 @@ def test_sigterm_and_ctrl_c_end_the_demo_through_its_clean_up():
     assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
 
 
-def test_image_data_url_round_trips(tmp_path):
-    path = tmp_path / "red.jpg"
-    Image.new("RGB", (7, 5), (255, 0, 0)).save(path)
-    url = image_data_url(path)
-    assert url.startswith("data:image/png;base64,")
-    decoded = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
-    assert decoded.size == (7, 5)
-    message = image_message("Which colour?", url)
-    assert message["content"][0] == {"type": "image_url", "image_url": {"url": url}}
+def test_an_artifact_whose_base_model_moved_is_pointed_at_it_or_searched_again(tmp_path, monkeypatch,
+                                                                                tiny_llava_dir):
+    import json
+    import shutil
 
+    from vllm_adaspkv.format import PLAN_FILE, base_model_dir, model_sha256, read_plan
 
-def test_image_data_url_rejects_a_corrupt_file(tmp_path):
-    path = tmp_path / "broken.jpg"
-    path.write_bytes(b"not an image")
-    with pytest.raises(ValueError, match=r"cannot read image '.*broken.jpg'"):
-        image_data_url(path)
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [({"port": 70000}, r"^port = 70000: must be less than 65536$"),
-     ({"startup_timeout_s": 0}, r"^startup_timeout_s = 0: must be greater than 0$")],
-)
-def test_server_config_errors(tmp_path, overrides, message):
-    with pytest.raises(ValueError, match=message):
-        ServerConfig(model="m", log_file=tmp_path / "log", **overrides)
-
-
-def test_server_that_dies_at_start_up_reports_its_log(tmp_path, vllm_env):
-    config = ServerConfig(model=str(tmp_path / "no-such-model"), log_file=tmp_path / "serve.log",
-                          port=free_port(), env=vllm_env, startup_timeout_s=300)
-    with pytest.raises(ServerStartError, match=r"(?s)`vllm serve` exited with code \d+ before it was ready.*serve.log"):
-        VllmServer(config).start()
+    base = tmp_path / "installed" / "shapes-llava"
+    shutil.copytree(SHAPES_LLAVA, base)
+    art = write_artifact(tmp_path / "art", Plan(base_model=BaseCheckpoint(path=str(base), sha256=model_sha256(base)),
+                                                metric="none", layers=(LayerPlan(sparsity={}, kv_bits=8),) * 4))
+    shutil.move(tmp_path / "installed", tmp_path / "reinstalled")  # an older release's path is gone
+    monkeypatch.setattr("demo.launch.search_command", lambda *a: pytest.fail("searched again"))
+    assert ensure_artifact("shapes-llava", tmp_path / "reinstalled" / "shapes-llava", art, 3) == art
+    assert base_model_dir(read_plan(art), art).resolve() == (tmp_path / "reinstalled" / "shapes-llava").resolve()
+    # gone, and not the same model: the demo's own artifact is searched again
+    data = json.loads((art / PLAN_FILE).read_text())
+    data["base_model"]["path"] = str(tmp_path / "nowhere")
+    (art / PLAN_FILE).write_text(json.dumps(data))
+    searched = [sys.executable, "-c", "import sys; sys.exit(4)"]
+    monkeypatch.setattr("demo.launch.search_command", lambda *a: searched)
+    with pytest.raises(SearchFailed, match=r"exit code 4"):
+        ensure_artifact("shapes-llava", tiny_llava_dir, art, 3)

@@ -131,10 +131,13 @@ def write_artifact(out_dir: str | Path, plan: Plan, masks: dict[str, torch.Tenso
             {key: pack_mask(mask) for key, mask in masks.items()}, str(tmp), metadata={"shapes": shapes}))
     else:
         (out / MASK_FILE).unlink(missing_ok=True)
-    # the plan last: it is what makes the folder an artifact
-    text = json.dumps(plan.to_json(), indent=2) + "\n"
-    _replace_atomically(out / PLAN_FILE, lambda tmp: tmp.write_text(text))
+    _write_plan(out, plan)  # the plan last: it is what makes the folder an artifact
     return out
+
+
+def _write_plan(art_dir: Path, plan: Plan) -> None:
+    text = json.dumps(plan.to_json(), indent=2) + "\n"
+    _replace_atomically(art_dir / PLAN_FILE, lambda tmp: tmp.write_text(text))
 
 
 def read_plan(art_dir: str | Path) -> Plan:
@@ -222,6 +225,18 @@ def _check_n_of_m(mask: torch.Tensor, n: int, m: int, where: str) -> None:
         row, group = (pruned < n).nonzero()[0].tolist()
         raise ArtifactError(f"{where}: row {row}, inputs {group * m}..{group * m + m - 1} keep {m - int(pruned[row, group])} "
                             f"of {m}; structure {n}:{m} allows {m - n}")
+
+
+def relocate_base_model(art_dir: str | Path, model_dir: str | Path) -> Plan:
+    """Points the artifact at its base model's new place (the same content hash, checked), relative to
+    the artifact; only adaspkv.json is rewritten, in one atomic step."""
+    art_dir = Path(art_dir)
+    plan = read_plan(art_dir)
+    check_base_model(plan, model_dir, str(art_dir / PLAN_FILE))
+    path = os.path.relpath(Path(model_dir).resolve(), art_dir.resolve())
+    moved = plan.replace(base_model=plan.base_model.replace(path=path))
+    _write_plan(art_dir, moved)
+    return moved
 
 
 def check_base_model(plan: Plan, model_dir: str | Path, source: str) -> None:

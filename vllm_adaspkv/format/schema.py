@@ -11,9 +11,9 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Field, Strict, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from vllm_adaspkv.format.strict import AdaspkvError, StrictModel, int_choice
+from vllm_adaspkv.format.strict import AdaspkvError, AsTuple, PathText, StrictModel, int_choice
 from vllm_adaspkv.kv.quant import KV_BITS
 
 FORMAT_VERSION = 1
@@ -76,7 +76,7 @@ Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 class BaseCheckpoint(StrictModel):
     error = ArtifactError
-    path: str = Field(description="the checkpoint the masks were computed on: relative to the artifact "
+    path: PathText = Field(description="the checkpoint the masks were computed on: relative to the artifact "
                                   "directory (so that both can move together), or absolute")
     sha256: Sha256 = Field(description="model_sha256 of that checkpoint: its identity wherever it is found")
 
@@ -113,7 +113,7 @@ class Plan(StrictModel):
     error = ArtifactError
     format_version: int_choice((FORMAT_VERSION,)) = FORMAT_VERSION  # first: it says how to read the rest
     base_model: BaseCheckpoint
-    layers: Annotated[tuple[LayerPlan, ...], Strict(False)] = Field(
+    layers: Annotated[tuple[LayerPlan, ...], AsTuple] = Field(
         description="one entry per decoder layer, in layer order", json_schema_extra={"minItems": 1})
     metric: PlanMetric
     structure: str = Field("unstructured", description="'unstructured', or 'N:M': N of every M consecutive "

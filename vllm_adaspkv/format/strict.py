@@ -12,7 +12,7 @@ import json
 import re
 import types
 import typing
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Any, ClassVar, Literal, Self, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Strict, ValidationError
@@ -85,6 +85,22 @@ ServerUrl = Annotated[str, AfterValidator(_http_url)]  # the base URL of an HTTP
 
 # A path given as str or Path (the command line, JSON, Python callers): coerced to Path, not strict.
 LaxPath = Annotated[Path, Strict(False)]
+
+
+def _path_as_text(value: Any) -> Any:
+    return str(value) if isinstance(value, PurePath) else value
+
+
+# A model name or a directory, given as str or Path, kept as the str it names.
+PathText = Annotated[str, BeforeValidator(_path_as_text)]
+
+
+def _list_as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+# On a tuple field: a list is taken as the tuple it lists, its items still checked strictly.
+AsTuple = BeforeValidator(_list_as_tuple)
 
 
 def describe(exc: ValidationError, model: type[BaseModel]) -> str:

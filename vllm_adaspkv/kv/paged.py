@@ -70,7 +70,7 @@ def decode(rows: torch.Tensor, fmt: KVFormat, dtype: torch.dtype,
     rows where `valid` [...] is False decode to 0. K and V rows are decoded in one pass (half the
     tensor ops: they dominate on CPU)."""
     kv = quant.dequantize(rows.unflatten(-1, (2, fmt.row_bytes)), fmt.bits, fmt.head_dim, fmt.group, dtype,
-                             None if valid is None else valid[..., None])
+                          None if valid is None else valid[..., None])
     return kv[..., 0, :], kv[..., 1, :]  # [..., D] each
 
 

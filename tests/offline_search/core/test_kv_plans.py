@@ -39,7 +39,7 @@ def test_choices_and_errors():
     assert check_choices((8, 2, 4)) == (2, 4, 8)
     assert uniform_bits_within(6, (2, 4, 6, 8, 16)) == 6
     assert uniform_bits_within(None, (2, 4, 8)) == 8
-    with pytest.raises(ValueError, match="--kv-choices 3,8: allowed 16, 8, 6, 4, 2"):
+    with pytest.raises(ValueError, match="^allowed 16, 8, 6, 4, 2$"):
         check_choices((3, 8))
     with pytest.raises(ValueError, match="--kv-bits-budget 1 is below the narrowest choice, 2 bits"):
         fit_budget([2, 2], 1, (2, 4))

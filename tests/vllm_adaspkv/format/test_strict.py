@@ -50,3 +50,17 @@ def test_valid_input_is_kept_frozen_and_replace_validates_again():
 
 def test_parse_takes_json_data():
     assert Outer.parse({"name": "a", "layers": [{"bits": 4}]}).layers == (Inner(bits=4),)
+
+
+def test_lists_and_paths_are_taken_where_python_callers_pass_them():
+    from pathlib import Path
+
+    from vllm_adaspkv.format.strict import AsTuple, PathText
+
+    class Model(StrictModel):
+        name: PathText
+        items: Annotated[tuple[int, ...], AsTuple] = ()
+
+    assert Model(name=Path("runs/x"), items=[1, 2]) == Model(name="runs/x", items=(1, 2))
+    with pytest.raises(ConfigError, match=r"^items\[1\] = 2.0: must be a valid integer$"):
+        Model(name="a", items=[1, 2.0])  # the items stay strict

@@ -1,5 +1,5 @@
 """Cases for an implementation of the quantized KV cache's `write` and `attend` (the Triton kernels,
-the C++ CPU kernels) against the PyTorch reference (paged_kv).
+the C++ CPU kernels) against the PyTorch reference (kv.paged).
 
 Not collected by itself: a module that imports these tests provides the fixtures `ops` (the
 module under test) and `device` (where its tensors live): triton_cases.py, test_cpu_kernels.py.

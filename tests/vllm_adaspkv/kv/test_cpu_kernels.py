@@ -1,5 +1,5 @@
 """The C++ CPU kernels (vllm_adaspkv.kv.cpu_kernels) against the PyTorch reference: the shared KV
-kernel cases (kv_kernel_cases.py: every bit width, both page layouts, garbage pages, permuted
+kernel cases (kernel_cases.py: every bit width, both page layouts, garbage pages, permuted
 block tables, GQA ratios, mixed prefill/decode batches), plus a decode batch as a serving step
 sees it. The first test to run builds the extension (about a minute; cached afterwards)."""
 

@@ -1,4 +1,4 @@
-"""The Triton KV kernels: correctness against paged_kv, and the compiled (CUDA) path's build.
+"""The Triton KV kernels: correctness against kv.paged, and the compiled (CUDA) path's build.
 
 The correctness cases live in triton_cases.py and run in a fresh pytest process: on a machine
 without CUDA with TRITON_INTERPRET=1 set from the start. Triton fixes interpreter or compiler mode

@@ -1,6 +1,6 @@
-"""The KV kernel cases (kv_kernel_cases.py) for the Triton kernels (vllm_adaspkv.kv.triton_kernels).
+"""The KV kernel cases (kernel_cases.py) for the Triton kernels (vllm_adaspkv.kv.triton_kernels).
 
-Run by test_triton_kv.py in a fresh process: with TRITON_INTERPRET=1 on a machine without CUDA
+Run by test_triton_kernels.py in a fresh process: with TRITON_INTERPRET=1 on a machine without CUDA
 (Triton decides interpreter or compiler when a module's @triton.jit runs, triton.language's own
 helpers included, so the variable must be set before triton is first imported), plainly on CUDA.
 By hand: `TRITON_INTERPRET=1 python -m pytest tests/vllm_adaspkv/kv/triton_cases.py`.

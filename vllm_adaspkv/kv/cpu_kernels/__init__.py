@@ -59,7 +59,7 @@ def attend(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
            fmt: KVFormat) -> torch.Tensor:
     """paged.attend, its decode requests in C++."""
     return paged.attend_with_decode(_attend_decode, query, cache, block_table, seq_lens, query_start_loc,
-                                       max_query_len, max_seq_len, scale, fmt)
+                                    max_query_len, max_seq_len, scale, fmt)
 
 
 def _attend_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
