@@ -85,4 +85,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         w[:, start:end] = w1
         mask[:, start:end] = mask1
         w[:, end:] -= err1 @ hinv[start:end, end:]  # carry the block's error to later columns
+    # Dead inputs' weights were zeroed above: the mask says so, so that it counts every zero the weight
+    # has (the achieved sparsity may then exceed the requested one).
+    mask[:, dead] = False
     return (w * mask).to(weight.dtype), mask

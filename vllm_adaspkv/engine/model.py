@@ -17,7 +17,7 @@ from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm_adaspkv.engine.attention_backend import backend_for
 from vllm_adaspkv.engine.serving_plan import ServedArtifact, describe_artifact, kv_formats, startup_table
 from vllm_adaspkv.engine.settings import ADDITIONAL_CONFIG_KEY, served_artifact_path, served_model_dir
-from vllm_adaspkv.format import PLAN_FILE, ArtifactError, ZeroCount, canonical_key, read_masks
+from vllm_adaspkv.format import PLAN_FILE, ArtifactError, ZeroCount, canonical_key, mask_weight, read_masks
 
 logger = logging.getLogger("vllm.adaspkv")
 
@@ -81,7 +81,7 @@ class AdaspkvLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             for name, weight in stream:
                 key = canonical_key(name)
                 if key in masks:
-                    weight = torch.where(masks[key], weight, torch.zeros((), dtype=weight.dtype))
+                    weight = mask_weight(weight, masks[key])
                     unused.discard(key)
                 zeros.observe(key, weight)
                 yield name, weight

@@ -9,7 +9,7 @@ models, JSON Schema committed beside it), reading, writing and checking an artif
 
 from vllm_adaspkv.format.artifact import (MASK_FILE, PLAN_FILE, ZeroCount, base_model_dir, canonical_key,
                                           check_base_model, check_checkpoint, check_mask_shapes, check_num_layers,
-                                          checkpoint_shapes, is_artifact, model_sha256, pack_mask, read_masks,
+                                          checkpoint_shapes, is_artifact, mask_weight, model_sha256, pack_mask, read_masks,
                                           read_plan, relocate_base_model, retract_artifact, unpack_mask,
                                           write_artifact)
 from vllm_adaspkv.format.geometry import ModelGeometry, read_geometry
@@ -23,6 +23,6 @@ __all__ = [
     "AdaspkvError", "ArtifactError", "BaseCheckpoint", "ConfigError", "Evaluation", "KVQuantScheme", "LayerPlan",
     "ModelGeometry", "Plan", "Provenance", "StrictModel", "ZeroCount", "base_model_dir", "canonical_key",
     "check_base_model", "check_checkpoint", "check_mask_shapes", "check_num_layers", "checkpoint_shapes",
-    "is_artifact", "mask_key", "model_sha256", "pack_mask", "parse_mask_key", "read_geometry", "read_masks",
+    "is_artifact", "mask_key", "mask_weight", "model_sha256", "pack_mask", "parse_mask_key", "read_geometry", "read_masks",
     "read_plan", "relocate_base_model", "retract_artifact", "sparsity_differs", "unpack_mask", "write_artifact",
 ]

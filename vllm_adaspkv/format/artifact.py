@@ -96,6 +96,12 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(bits.astype(bool)).reshape(shape)
 
 
+def mask_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """weight with the pruned positions zeroed, on weight's device (a loader may yield GPU tensors while
+    masks are read on the CPU)."""
+    return torch.where(mask.to(weight.device), weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
 def _replace_atomically(target: Path, write) -> None:
     """write(tmp) then rename over `target`: a crash leaves the old file or the new one, never half of one.
     fsync before the rename, or a power loss could leave the new name pointing at unwritten blocks."""

@@ -112,3 +112,16 @@ def test_hessian_accumulates_like_one_shot():
     assert count == total == 40 and torch.allclose(h, one, atol=1e-5)
     h, count = accumulate_hessian(None, 0, torch.tensor([[1.0, 2.0], [3.0, 0.0]]))
     assert count == 2 and h.tolist() == [[10.0, 2.0], [2.0, 4.0]]  # (2 x x^T summed) / 2 tokens
+
+
+@pytest.mark.parametrize(("sparsity", "nm"), [(0.0, None), (0.25, None), (0.5, (2, 4))])
+def test_dead_inputs_are_pruned_in_the_mask_too(sparsity, nm):
+    """An input never active in calibration has its weights zeroed; the mask must say so, or the measured
+    zeros exceed the plan and the plugin's zero count refuses the artifact."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=gen)
+    x[:, [2, 5]] = 0.0  # inputs 2 and 5 never active
+    hessian, _ = accumulate_hessian(None, 0, x)
+    weight, mask = sparsegpt_prune(torch.randn(4, 8, generator=gen), hessian, sparsity, nm, blocksize=8)
+    assert not mask[:, [2, 5]].any()
+    assert torch.equal(weight == 0, ~mask)  # every zero is in the mask, every pruned weight is zero

@@ -335,3 +335,12 @@ def test_n_of_m_masks_are_checked_group_by_group(tmp_path):
     masks[mask_key(0, "mlp.up_proj")] = torch.tensor([[True, False, True, False, True, False]])
     with pytest.raises(ArtifactError, match=r"a 2:4 mask needs rows divisible into groups of 4, not shape \(1, 6\)"):
         write_artifact(tmp_path, nm_plan, masks)
+
+
+def test_a_mask_is_applied_on_the_weights_device():
+    # loaders may yield weights on the GPU while masks are read on the CPU; the meta device stands in here
+    from vllm_adaspkv.format import mask_weight
+
+    masked = mask_weight(torch.ones(2, 4, device="meta"), torch.tensor([[True, False, True, False]] * 2))
+    assert masked.device.type == "meta" and masked.shape == (2, 4)
+    assert mask_weight(torch.ones(1, 4), torch.tensor([[True, False, True, False]])).tolist() == [[1, 0, 1, 0]]

@@ -148,11 +148,14 @@ void write_cache(torch::Tensor cache, torch::Tensor kv, torch::Tensor slots, int
               "kv must be contiguous float32 [tokens, kv heads, 2, head_dim]");
   TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.dim() == 1 && slots.size(0) == kv.size(0),
               "slots must be int64 [tokens]");
-  const int64_t heads = kv.size(1), block_size = cache.size(2);
+  const int64_t heads = kv.size(1), block_size = cache.size(2), slot_count = cache.size(0) * block_size;
   const int64_t sb = cache.stride(0), sh = cache.stride(1), sn = cache.stride(2);
   const float* x = kv.data_ptr<float>();
   const int64_t* slot = slots.data_ptr<int64_t>();
   uint8_t* base = cache.data_ptr<uint8_t>();
+  for (int64_t t = 0; t < slots.size(0); ++t)  // a slot past the cache would write someone else's memory
+    TORCH_CHECK(slot[t] < slot_count, "slot ", slot[t], " of token ", t, " is outside the cache of ", cache.size(0),
+                " blocks x ", block_size, " slots");
   at::parallel_for(0, kv.size(0) * heads, 16, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> codes(f.head_dim);
     for (int64_t i = begin; i < end; ++i) {
