@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import Field, field_validator
 
 from offline_search.evaluation.openai_chat import image_message, pil_data_url
+from vllm_adaspkv.errors import AdaspkvError
 from vllm_adaspkv.format import StrictModel
 from vllm_adaspkv.format.strict import ServerUrl
 
@@ -24,7 +25,7 @@ MAX_IMAGE_BYTES = 10 << 20  # 10 MiB
 MAX_IMAGE_SIDE = 4096  # pixels
 
 
-class DemoError(Exception):
+class DemoError(AdaspkvError):
     """A failure explained in words for the user; the app shows it and keeps running."""
 
 

@@ -91,17 +91,12 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 
 def run(args: argparse.Namespace) -> int:
     require_extra("demo", "gradio", "optuna", "matplotlib")  # the first run searches an artifact
-    from demo.chat import DemoError
-    from demo.launch import SearchFailed, run_app, run_once, stop_signals
-    from offline_search.evaluation.vllm_server import ServerStartError
+    from demo.launch import run_app, run_once, stop_signals
 
+    config = config_from_args(args)  # bad options, a missing server or search: AdaspkvError, one line
     try:
-        config = config_from_args(args)
         with stop_signals():  # Ctrl-C and SIGTERM unwind: every server started is stopped
             return run_once(config) if config.once else run_app(config)
     except KeyboardInterrupt:
         print("\nadaspkv demo: stopped", flush=True)
         return 130
-    # ArtifactError is a ValueError
-    except (ValueError, FileNotFoundError, DemoError, SearchFailed, ServerStartError) as exc:
-        raise SystemExit(f"adaspkv demo: {exc}") from None

@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 
 from demo.chat import Endpoint
 from offline_search.data.bundled_models import BUNDLED_MODELS, resolve_model
+from vllm_adaspkv.errors import AdaspkvError, ConfigError
 from vllm_adaspkv.format import StrictModel, is_artifact
 from vllm_adaspkv.format.strict import LaxPath, PathText, ServerUrl
 
@@ -32,8 +33,8 @@ SHAPES_EXAMPLES = (2, 1, 7, 3, 4)  # ShapesVQA test samples offered as examples
 PHOTO_QUESTION = "Describe the image."
 
 
-class SearchFailed(RuntimeError):
-    pass
+class SearchFailed(AdaspkvError):
+    """The first run's `adaspkv search` failed; the message ends with its log's last lines."""
 
 
 class DemoConfig(StrictModel):
@@ -231,7 +232,7 @@ def check_port(host: str, port: int) -> int:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise ValueError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); pick another "
+            raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); pick another "
                              "port, or --port 0 for a free one") from None
     return port
 

@@ -39,14 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from offline_search.evaluation.harness import evaluate
     from offline_search.evaluation.results import format_table, write_results
 
-    try:
-        config = EvalConfig(model=args.model, artifact=args.artifact, tasks=tuple(t for t in args.tasks.split(",") if t),
-                            limit=args.limit, server=args.server, served_model=args.served_model,
-                            seq_len=args.seq_len, batch_size=args.batch_size)
-        model_dir = resolve_model(config.model)
-        results = evaluate(config, model_dir)
-    except (ValueError, FileNotFoundError) as exc:  # user errors (ArtifactError is one): one line
-        raise SystemExit(f"adaspkv eval: {exc}") from None
+    config = EvalConfig(model=args.model, artifact=args.artifact, tasks=tuple(t for t in args.tasks.split(",") if t),
+                        limit=args.limit, server=args.server, served_model=args.served_model,
+                        seq_len=args.seq_len, batch_size=args.batch_size)
+    results = evaluate(config, resolve_model(config.model))
     print(format_table(results))
     if args.json_out:
         write_results(results, config, args.json_out)

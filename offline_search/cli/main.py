@@ -18,6 +18,7 @@ from types import ModuleType
 from offline_search.cli import eval as eval_command
 from offline_search.cli import prune, search, train
 from vllm_adaspkv import __version__
+from vllm_adaspkv.errors import AdaspkvError
 
 GROUP = "adaspkv.commands"
 OWN_COMMANDS: dict[str, ModuleType] = {"search": search, "prune": prune, "eval": eval_command, "train-tiny": train}
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a user error too (bad input is one line without it)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in subcommands().items():
         sub = subparsers.add_parser(name, help=module.HELP, description=module.__doc__)
@@ -55,7 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return args.run(args)
+    try:
+        return args.run(args)
+    except AdaspkvError as exc:  # bad input: one line; anything else is unexpected and keeps its traceback
+        if args.debug:
+            raise
+        raise SystemExit(f"adaspkv {args.command}: error: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from offline_search.core.metrics import METRICS
 from offline_search.model.calibration import CalibrationConfig
 from offline_search.model.objective import OBJECTIVES, ObjectiveConfig
 from offline_search.search.config import ALLOCATIONS, KV_SEARCHES, WARM_STARTS, CompressConfig
+from vllm_adaspkv.errors import ConfigError
 from vllm_adaspkv.format import KEY_ROTATIONS
 from vllm_adaspkv.kv.quant import KV_BITS
 
@@ -127,7 +128,7 @@ def _kv_search_args(args: argparse.Namespace) -> dict:
     try:
         choices = tuple(int(c) for c in getattr(args, "kv_choices", "2,4,6,8,16").split(","))
     except ValueError:
-        raise ValueError(f"--kv-choices {args.kv_choices!r}: write bit widths such as 2,4,6,8,16") from None
+        raise ConfigError(f"--kv-choices {args.kv_choices!r}: write bit widths such as 2,4,6,8,16") from None
     return {"kv_search": mode, "kv_bits_budget": budget, "kv_choices": choices}
 
 
@@ -135,11 +136,9 @@ def run_command(args: argparse.Namespace, command: str) -> int:
     require_extra(command, *(("optuna", "matplotlib") if command == "search" else ("matplotlib",)))  # the report's plots
     from offline_search.search.compress import compress
 
+    config = config_from_args(args)
     try:
-        config = config_from_args(args)
         compress(config)
-    except (ValueError, FileNotFoundError) as exc:  # user errors: one line, no traceback
-        raise SystemExit(f"adaspkv {command}: error: {exc}") from None
     except KeyboardInterrupt:
         resume = " (finished trials are kept: run the same command to resume)" if command == "search" else ""
         raise SystemExit(f"adaspkv {command}: interrupted{resume}") from None

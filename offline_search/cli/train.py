@@ -20,9 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from offline_search.kit.train_shapes_llava import train
 
-    try:
-        config = TrainConfig(out_dir=args.out, steps=args.steps, seed=args.seed)
-    except ValueError as exc:
-        raise SystemExit(f"adaspkv train-tiny: {exc}") from None
+    config = TrainConfig(out_dir=args.out, steps=args.steps, seed=args.seed)
     print(f"shapes-llava written to {train(config)}")
     return 0

@@ -11,6 +11,7 @@ import math
 import torch
 
 from offline_search.core.tamp import das_keep_counts
+from vllm_adaspkv.errors import ConfigError
 
 
 def uniform_plan(num_layers: int, sparsity: float) -> list[float]:
@@ -43,7 +44,7 @@ def das_plan(sizes: list[int], diversity: list[float], sparsity: float) -> list[
 def layer_blocks(num_layers: int, blocks: int) -> list[range]:
     """Contiguous groups of layers, sizes differing by at most one (8 blocks of 4 for 32 layers)."""
     if not 1 <= blocks <= num_layers:
-        raise ValueError(f"--blocks {blocks}: must be between 1 and the number of layers ({num_layers})")
+        raise ConfigError(f"--blocks {blocks}: must be between 1 and the number of layers ({num_layers})")
     edges = [round(b * num_layers / blocks) for b in range(blocks + 1)]
     return [range(edges[b], edges[b + 1]) for b in range(blocks)]
 
@@ -52,10 +53,10 @@ def block_grid(sparsity: float, radius: float = 0.05, step: float = 0.025) -> li
     """The values a block may take: S - radius ... S + radius in steps (the paper: +-0.05 by 0.025)."""
     count = round(radius / step)
     if not math.isclose(count * step, radius) or count < 1:
-        raise ValueError(f"search radius {radius} is not a positive multiple of the step {step}")
+        raise ConfigError(f"search radius {radius} is not a positive multiple of the step {step}")
     # Centring (centred_blocks) moves a block by up to one more radius.
     if sparsity - 2 * radius < 0 or sparsity + 2 * radius >= 1:
-        raise ValueError(f"--sparsity {sparsity}: a search of +-{radius} per block needs "
+        raise ConfigError(f"--sparsity {sparsity}: a search of +-{radius} per block needs "
                          f"{2 * radius:g} <= S < {1 - 2 * radius:g}")
     return [round(sparsity + i * step, 6) for i in range(-count, count + 1)]
 

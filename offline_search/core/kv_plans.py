@@ -6,6 +6,7 @@ mapped onto the constraint deterministically), so no trial is thrown away.
 
 from __future__ import annotations
 
+from vllm_adaspkv.errors import ConfigError
 from vllm_adaspkv.kv.quant import KV_BITS
 
 
@@ -17,7 +18,7 @@ def check_choices(choices: tuple[int, ...]) -> tuple[int, ...]:
     """Sorted ascending, each one a width the quantizer stores."""
     bad = [b for b in choices if b not in KV_BITS]
     if bad or not choices:
-        raise ValueError(f"allowed {', '.join(map(str, KV_BITS))}")
+        raise ConfigError(f"allowed {', '.join(map(str, KV_BITS))}")
     return tuple(sorted(set(choices)))
 
 
@@ -32,7 +33,7 @@ def fit_budget(bits: list[int], budget: float, choices: tuple[int, ...]) -> list
     at most `budget`. choices sorted ascending."""
     _check_ascending(choices)
     if budget < choices[0]:
-        raise ValueError(f"--kv-bits-budget {budget:g} is below the narrowest choice, {choices[0]} bits")
+        raise ConfigError(f"--kv-bits-budget {budget:g} is below the narrowest choice, {choices[0]} bits")
     bits = list(bits)
     while mean_bits(bits) > budget + 1e-9:
         widest = max(range(len(bits)), key=lambda i: (bits[i], i))
@@ -69,5 +70,5 @@ def uniform_bits_within(budget: float | None, choices: tuple[int, ...]) -> int:
     """The widest choice that a uniform plan can use within the budget (the search's first trial)."""
     fitting = [c for c in choices if budget is None or c <= budget + 1e-9]
     if not fitting:
-        raise ValueError(f"--kv-bits-budget {budget:g} is below the narrowest choice, {choices[0]} bits")
+        raise ConfigError(f"--kv-bits-budget {budget:g} is below the narrowest choice, {choices[0]} bits")
     return fitting[-1]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_adaspkv.errors import ConfigError
+
 
 def _check_sparsity(sparsity: float) -> None:
     if not 0.0 <= sparsity < 1.0:
@@ -51,9 +53,9 @@ def parse_nm(text: str) -> tuple[int, int]:
     try:
         n, m = (int(part) for part in text.split(":"))
     except ValueError:
-        raise ValueError(f"N:M pattern {text!r}: write it as two integers such as 2:4") from None
+        raise ConfigError(f"N:M pattern {text!r}: write it as two integers such as 2:4") from None
     if not 0 < n < m:
-        raise ValueError(f"N:M pattern {text!r}: need 0 < N < M")
+        raise ConfigError(f"N:M pattern {text!r}: need 0 < N < M")
     return n, m
 
 
@@ -63,7 +65,7 @@ def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if not 0 < n < m:
         raise ValueError(f"N:M = {n}:{m}: need 0 < N < M")
     if scores.dim() != 2 or scores.shape[1] % m:
-        raise ValueError(f"N:M = {n}:{m} needs a 2-D score matrix whose {scores.shape[-1]} "
+        raise ConfigError(f"N:M = {n}:{m} needs a 2-D score matrix whose {scores.shape[-1]} "
                          f"inputs divide into groups of {m}")
     groups = scores.reshape(scores.shape[0], -1, m)  # [d_out, d_in / m, m]
     mask = torch.ones_like(groups, dtype=torch.bool)

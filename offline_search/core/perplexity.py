@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from vllm_adaspkv.errors import ConfigError
+
 
 def windows(tokens: torch.Tensor, seq_len: int, limit: int | None = None) -> torch.Tensor:
     """[num_windows, seq_len] non-overlapping windows of a 1-D token stream."""
@@ -21,7 +23,7 @@ def windows(tokens: torch.Tensor, seq_len: int, limit: int | None = None) -> tor
     if limit is not None:
         count = min(count, limit)
     if count == 0:
-        raise ValueError(f"{tokens.numel()} tokens make no window of {seq_len}")
+        raise ConfigError(f"{tokens.numel()} tokens make no window of {seq_len}")
     return tokens[: count * seq_len].view(count, seq_len)
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_adaspkv.errors import AdaspkvError
+
 
 def accumulate_hessian(hessian: torch.Tensor | None, count: int, inputs: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Running mean of 2 x x^T over tokens: inputs [..., d_in] -> (H [d_in, d_in], tokens so far)."""
@@ -49,7 +51,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     w = weight.detach().to(torch.float32, copy=True)  # [d_out, d_in]
     h = hessian.detach().to(w.device, torch.float32, copy=True)  # [d_in, d_in]
     if not torch.isfinite(h).all():
-        raise ValueError("the Hessian has non-finite entries (inf / NaN in the calibration activations?)")
+        raise AdaspkvError("the Hessian has non-finite entries (inf / NaN in the calibration activations?)")
     dead = torch.diag(h) == 0  # inputs never active: their weights cannot matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -57,7 +59,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     try:
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except RuntimeError:  # torch.linalg.LinAlgError subclasses it
-        raise ValueError("the Hessian is not positive definite even after dampening; use more calibration "
+        raise AdaspkvError("the Hessian is not positive definite even after dampening; use more calibration "
                          "tokens or a larger percdamp") from None
     mask = torch.ones_like(w, dtype=torch.bool)
     for start in range(0, d_in, blocksize):

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from vllm_adaspkv.errors import ConfigError
+
 
 def _normalised(outputs: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(outputs.float(), dim=-1)  # [tokens, d]
@@ -38,7 +40,7 @@ def cosine_stats(outputs: torch.Tensor, is_visual: torch.Tensor) -> tuple[float,
         raise ValueError(f"is_visual has shape {tuple(is_visual.shape)}, expected ({len(outputs)},)")
     is_visual = is_visual.to(device=outputs.device, dtype=torch.bool)
     if is_visual.all() or not is_visual.any():
-        raise ValueError("token diversity needs both visual and text tokens in the sample")
+        raise ConfigError("token diversity needs both visual and text tokens in the sample")
     y = _normalised(outputs)
     visual, text = y[is_visual], y[~is_visual]  # [v, d], [l, d]
     c_vl = float((visual @ text.T).clamp_min(0).mean())  # every pair is off-diagonal here

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vllm_adaspkv.errors import ConfigError
+
 MODELS_DIR = Path(__file__).parent / "models"
 BUNDLED_MODELS: dict[str, Path] = {
     "shapes-llava": MODELS_DIR / "shapes-llava",
@@ -16,11 +18,11 @@ def resolve_model(name_or_dir: str | Path) -> Path:
     if name in BUNDLED_MODELS:
         path = BUNDLED_MODELS[name]
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"bundled model {name!r} is missing from {path}; reinstall the package")
+            raise ConfigError(f"bundled model {name!r} is missing from {path}; reinstall the package")
         return path
     path = Path(name)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"model {name!r} is neither a bundled model ({', '.join(BUNDLED_MODELS)}) nor a "
             "checkpoint directory with a config.json"
         )

@@ -11,6 +11,7 @@ from PIL import Image
 
 from offline_search.data import shapes_vqa
 from offline_search.data.text_data import joined_text, wikitext_path
+from vllm_adaspkv.errors import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -28,7 +29,7 @@ def text_tokens(source: str, tokenizer) -> torch.Tensor:
         path = wikitext_path("validation") if source == "wikitext2" else Path(source)
         text = joined_text(path)
     if not text.strip():
-        raise ValueError(f"calibration text {source!r} is empty")
+        raise ConfigError(f"calibration text {source!r} is empty")
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -36,16 +37,16 @@ def dataset_text(source: str) -> str:
     """The rows of a `datasets` dataset's "text" column, joined with "\n\n" like WikiText-2."""
     parts = source[len(DATASET_PREFIX):].split(":")
     if len(parts) not in (2, 3) or not all(parts):
-        raise ValueError(f"calibration text {source!r}: write dataset:NAME:SPLIT or dataset:NAME:CONFIG:SPLIT")
+        raise ConfigError(f"calibration text {source!r}: write dataset:NAME:SPLIT or dataset:NAME:CONFIG:SPLIT")
     name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
     import datasets
 
     try:
         rows = datasets.load_dataset(name, config, split=split)
     except (OSError, ValueError) as exc:  # unreachable hub, unknown name, bad split
-        raise ValueError(f"calibration text {source!r}: the dataset cannot be loaded ({exc})") from None
+        raise ConfigError(f"calibration text {source!r}: the dataset cannot be loaded ({exc})") from None
     if "text" not in rows.column_names:
-        raise ValueError(f"calibration text {source!r}: no 'text' column (columns: {', '.join(rows.column_names)})")
+        raise ConfigError(f"calibration text {source!r}: no 'text' column (columns: {', '.join(rows.column_names)})")
     return "\n\n".join(rows["text"])
 
 
@@ -56,20 +57,20 @@ def image_samples(source: str, count: int, image_size: int) -> list[shapes_vqa.S
         return shapes_vqa.samples("train", count, image_size)
     folder = Path(source)
     if not folder.is_dir():
-        raise ValueError(f"calibration images {source!r}: neither 'shapesvqa' nor a folder")
+        raise ConfigError(f"calibration images {source!r}: neither 'shapesvqa' nor a folder")
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     pairs = [(p, p.with_suffix(".txt")) for p in images if p.with_suffix(".txt").is_file()]
     if not pairs:
-        raise ValueError(f"calibration folder {source!r} has no image (.jpg/.jpeg/.png) with a prompt "
+        raise ConfigError(f"calibration folder {source!r} has no image (.jpg/.jpeg/.png) with a prompt "
                          "in a .txt file of the same name")
     samples = []
     for image_path, prompt_path in pairs[:count]:
         prompt = prompt_path.read_text(encoding="utf-8").strip()
         if not prompt:
-            raise ValueError(f"calibration prompt file {str(prompt_path)!r} is empty")
+            raise ConfigError(f"calibration prompt file {str(prompt_path)!r} is empty")
         try:
             image = Image.open(image_path).convert("RGB")
         except OSError as exc:
-            raise ValueError(f"calibration image {str(image_path)!r} cannot be read ({exc})") from None
+            raise ConfigError(f"calibration image {str(image_path)!r} cannot be read ({exc})") from None
         samples.append(shapes_vqa.Sample(image=image, question=prompt, answer="", question_type="folder", shapes=()))
     return samples

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vllm_adaspkv.errors import ConfigError
+
 WIKITEXT_DIR = Path(__file__).parent / "wikitext-2"
 WIKITEXT_SPLITS = {"validation": "valid.txt", "test": "test.txt"}
 
@@ -19,7 +21,7 @@ def read_lines(path: str | Path) -> list[str]:
     try:
         return Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"text file {str(path)!r} does not exist") from None
+        raise ConfigError(f"text file {str(path)!r} does not exist") from None
 
 
 def joined_text(path: str | Path) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from offline_search.data.shapes_vqa import Sample
+from vllm_adaspkv.errors import ConfigError
 
 IGNORE_INDEX = -100
 
@@ -64,6 +65,6 @@ def answer_batch(processor, batch: Sequence[Sample]) -> dict[str, torch.Tensor]:
 def random_windows(tokens: torch.Tensor, batch: int, window: int, generator: torch.Generator) -> torch.Tensor:
     """`batch` random windows of `window` tokens from a 1-D token stream: [batch, window]."""
     if tokens.numel() <= window:
-        raise ValueError(f"text of {tokens.numel()} tokens is too short for windows of {window}")
+        raise ConfigError(f"text of {tokens.numel()} tokens is too short for windows of {window}")
     starts = torch.randint(0, tokens.numel() - window, (batch,), generator=generator)
     return torch.stack([tokens[s:s + window] for s in starts.tolist()])

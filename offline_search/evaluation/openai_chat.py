@@ -8,6 +8,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from vllm_adaspkv.errors import ConfigError
+
 
 def pil_data_url(image: Image.Image) -> str:
     """A base64 PNG data URL: lossless, so the server sees exactly these pixels."""
@@ -22,7 +24,7 @@ def image_data_url(path: str | Path) -> str:
         with Image.open(path) as image:
             return pil_data_url(image)
     except (FileNotFoundError, UnidentifiedImageError) as exc:
-        raise ValueError(f"cannot read image {str(path)!r}: {exc}") from exc
+        raise ConfigError(f"cannot read image {str(path)!r}: {exc}") from exc
 
 
 def image_message(question: str, image_url: str) -> dict:

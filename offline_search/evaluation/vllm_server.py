@@ -19,6 +19,7 @@ from typing import Annotated
 import requests
 from pydantic import Field
 
+from vllm_adaspkv.errors import AdaspkvError
 from vllm_adaspkv.format import StrictModel
 from vllm_adaspkv.format.strict import AsTuple, LaxPath, PathText
 
@@ -60,8 +61,8 @@ def _terminate_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-class ServerStartError(RuntimeError):
-    pass
+class ServerStartError(AdaspkvError):
+    """`vllm serve` did not come up; the message ends with its log's last lines."""
 
 
 class VllmServer:

@@ -10,6 +10,7 @@ their original values at every step, which gives the same numbers as quantizing 
 from __future__ import annotations
 
 from offline_search.model.llava import decoder_layers, model_geometry
+from vllm_adaspkv.errors import ConfigError
 from vllm_adaspkv.kv.quant import check_layout, fake_quantize, fake_quantize_rotated, hadamard
 
 ATTENTION_NAME = "adaspkv_fake_kv"
@@ -35,7 +36,7 @@ def apply_kv_plan(model, bits_per_layer: list[int], group: int, rotate_keys: boo
 
     layers = decoder_layers(model)
     if len(bits_per_layer) != len(layers):
-        raise ValueError(f"KV plan has {len(bits_per_layer)} layers; the model has {len(layers)}")
+        raise ConfigError(f"KV plan has {len(bits_per_layer)} layers; the model has {len(layers)}")
     head_dim = model_geometry(model).head_dim
     for bits in set(bits_per_layer):
         check_layout(bits, head_dim, group)

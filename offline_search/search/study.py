@@ -25,6 +25,7 @@ from tqdm import tqdm
 from offline_search.core.allocation import block_grid, centred_blocks, expand_blocks, layer_blocks
 from offline_search.core.kv_plans import equal_split, fill_budget, fit_budget, mean_bits, uniform_bits_within
 from offline_search.search.config import CompressConfig
+from vllm_adaspkv.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def open_study(config: CompressConfig, model_sha256: str) -> optuna.Study:
         study.set_user_attr("settings", settings)
     elif started != settings:
         changed = sorted(k for k in settings if started.get(k) != settings[k])
-        raise ValueError(f"study {name!r} in {config.storage_url()} was started with other settings "
+        raise ConfigError(f"study {name!r} in {config.storage_url()} was started with other settings "
                          f"({', '.join(changed)}); use another --out, --storage or --study-name")
     # Re-seed by progress: a resumed search must not replay the random start-up trials it already ran.
     study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(study.trials))
@@ -160,5 +161,5 @@ def chosen_trial(study: optuna.Study, config: CompressConfig) -> optuna.trial.Fr
     front = study.best_trials
     within = [t for t in front if config.kv_bits_budget is None or t.values[1] <= config.kv_bits_budget + 1e-9]
     if not within:
-        raise ValueError(f"no Pareto-optimal trial has a mean of at most {config.kv_bits_budget:g} KV bits")
+        raise ConfigError(f"no Pareto-optimal trial has a mean of at most {config.kv_bits_budget:g} KV bits")
     return min(within, key=lambda t: t.values[0])

@@ -94,9 +94,9 @@ def test_demo_config_errors_name_the_option(tmp_path, overrides, message):
 
 
 def test_demo_command_reports_bad_input_in_one_line(tmp_path):
-    with pytest.raises(SystemExit, match=r"adaspkv demo: --image .*nope.jpg: no such file"):
+    with pytest.raises(SystemExit, match=r"adaspkv demo: error: --image .*nope.jpg: no such file"):
         main(["demo", "--once", "--image", str(tmp_path / "nope.jpg"), "--question", "Q?", "--workdir", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"adaspkv demo: model '/nonexistent' is neither a bundled model"):
+    with pytest.raises(SystemExit, match=r"adaspkv demo: error: model '/nonexistent' is neither a bundled model"):
         main(["demo", "--model", "/nonexistent", "--workdir", str(tmp_path)])
 
 
@@ -108,7 +108,7 @@ def test_a_port_in_use_is_reported_before_anything_starts(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         assert check_port("127.0.0.1", 0) not in (0, port)
-        with pytest.raises(SystemExit, match=rf"adaspkv demo: --port {port}: cannot listen on 127.0.0.1:{port}"):
+        with pytest.raises(SystemExit, match=rf"adaspkv demo: error: --port {port}: cannot listen on 127.0.0.1:{port}"):
             main(["demo", "--port", str(port), "--model", "/nonexistent", "--workdir", str(tmp_path)])
 
 

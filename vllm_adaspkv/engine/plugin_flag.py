@@ -15,6 +15,7 @@ import logging
 
 from vllm_adaspkv.engine.routing import route_artifact
 from vllm_adaspkv.engine.settings import PLUGIN_NAME, with_settings
+from vllm_adaspkv.errors import AdaspkvError
 from vllm_adaspkv.format import is_artifact
 
 logger = logging.getLogger("vllm.adaspkv")
@@ -78,7 +79,7 @@ def install_plugin_flag() -> None:
                             "vLLM serves it", engine_args.model)
         try:  # on the command line a bad artifact is one line, not a traceback
             route_artifact(engine_args)
-        except ValueError as exc:  # AdaspkvError: a bad artifact; routing refuses bad combinations
+        except AdaspkvError as exc:  # a bad artifact or option; anything else keeps its traceback
             raise SystemExit(f"adaspkv: cannot serve {args.model}: {exc}") from None
         return engine_args
 

@@ -15,6 +15,7 @@ import os
 
 from vllm_adaspkv.engine.serving_plan import BASE_MODEL_ENV, PLUGIN_ARCHITECTURE, open_artifact
 from vllm_adaspkv.engine.settings import served_artifact_path, with_settings
+from vllm_adaspkv.errors import ConfigError
 from vllm_adaspkv.format import is_artifact
 
 logger = logging.getLogger("vllm.adaspkv")
@@ -30,12 +31,12 @@ def route_artifact(engine_args) -> None:
     served = open_artifact(engine_args.model, os.environ.get(BASE_MODEL_ENV))  # ArtifactError names the field
     formats_wanted = any(layer.kv_bits != 16 for layer in served.plan.layers)
     if formats_wanted and engine_args.kv_cache_dtype not in (None, "auto"):
-        raise ValueError(f"--kv-cache-dtype {engine_args.kv_cache_dtype}: the artifact {served.artifact_dir} "
+        raise ConfigError(f"--kv-cache-dtype {engine_args.kv_cache_dtype}: the artifact {served.artifact_dir} "
                          "sets a KV bit width per layer; a global KV cache dtype cannot be combined with it "
                          "(leave --kv-cache-dtype at auto)")
     overrides = engine_args.hf_overrides
     if callable(overrides):
-        raise ValueError("--hf-overrides as a function cannot be combined with an adaspkv artifact; pass a dict")
+        raise ConfigError("--hf-overrides as a function cannot be combined with an adaspkv artifact; pass a dict")
     if not engine_args.served_model_name:
         engine_args.served_model_name = engine_args.model  # clients keep asking for ART_DIR
     if engine_args.tokenizer in (None, engine_args.model):

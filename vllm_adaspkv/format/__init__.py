@@ -16,7 +16,8 @@ from vllm_adaspkv.format.geometry import ModelGeometry, read_geometry
 from vllm_adaspkv.format.schema import (FORMAT_VERSION, KEY_ROTATIONS, LINEARS, PLAN_METRICS, SPARSITY_TOLERANCE,
                                         ArtifactError, BaseCheckpoint, Evaluation, KVQuantScheme, LayerPlan, Plan,
                                         Provenance, mask_key, parse_mask_key, sparsity_differs)
-from vllm_adaspkv.format.strict import AdaspkvError, ConfigError, StrictModel
+from vllm_adaspkv.errors import AdaspkvError, ConfigError
+from vllm_adaspkv.format.strict import StrictModel
 
 __all__ = [
     "FORMAT_VERSION", "KEY_ROTATIONS", "LINEARS", "MASK_FILE", "PLAN_FILE", "PLAN_METRICS", "SPARSITY_TOLERANCE",

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vllm_adaspkv.errors import ConfigError
 from vllm_adaspkv.format.schema import LINEARS, ArtifactError, Plan, mask_key, parse_mask_key, sparsity_differs
 
 PLAN_FILE = "adaspkv.json"
@@ -68,7 +69,7 @@ def model_sha256(model_dir: str | Path) -> str:
     digest = hashlib.sha256()
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json; not a checkpoint directory")
+        raise ConfigError(f"{model_dir}: no config.json; not a checkpoint directory")
     for path in [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors"))]:
         if path.name == MASK_FILE:
             continue

@@ -17,14 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal, Self, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Strict, ValidationError
 
-
-class AdaspkvError(ValueError):
-    """A user error: bad input, named in one line. Command-line entry points print it without a
-    traceback; anything else is a bug and keeps its traceback."""
-
-
-class ConfigError(AdaspkvError):
-    """A configuration (of a command or of a Python entry point) that cannot run."""
+from vllm_adaspkv.errors import AdaspkvError, ConfigError
 
 
 class StrictModel(BaseModel):

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
+from vllm_adaspkv.errors import ConfigError
+
 KV_BITS = (16, 8, 6, 4, 2)
 SCALE_BYTES = 4  # fp16 scale + fp16 zero point per group
 # fp16's largest finite value. Real models' keys and values reach it (SmolLM2's residual stream exceeds
@@ -27,14 +29,14 @@ FP16_MAX = 65504.0
 
 def check_layout(bits: int, head_dim: int, group: int) -> None:
     if bits not in KV_BITS:
-        raise ValueError(f"KV bits {bits}: allowed {', '.join(map(str, KV_BITS))}")
+        raise ConfigError(f"KV bits {bits}: allowed {', '.join(map(str, KV_BITS))}")
     if bits == 16:
         return
     if group < 1 or head_dim % group:
-        raise ValueError(f"KV group size {group} must divide head_dim {head_dim}")
+        raise ConfigError(f"KV group size {group} must divide head_dim {head_dim}")
     per = {8: 1, 6: 4, 4: 2, 2: 4}[bits]  # codes that share whole bytes
     if group % per:
-        raise ValueError(f"{bits}-bit codes pack {per} at a time: the group size {group} must be a multiple of {per}")
+        raise ConfigError(f"{bits}-bit codes pack {per} at a time: the group size {group} must be a multiple of {per}")
 
 
 def bytes_per_token_head(bits: int, head_dim: int, group: int) -> int:
@@ -108,7 +110,7 @@ def hadamard(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     Rotating keys by it spreads outlier channels over the whole head before quantization; since
     q . k = (q H) . (k H), attention can read rotated keys with a rotated query."""
     if n < 1 or n & (n - 1):
-        raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {n}")
+        raise ConfigError(f"a Hadamard rotation needs a power-of-two head_dim, got {n}")
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)

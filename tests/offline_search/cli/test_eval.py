@@ -3,6 +3,7 @@ import pytest
 from offline_search.cli.main import main
 from offline_search.data.bundled_models import BUNDLED_MODELS, resolve_model
 from offline_search.evaluation.harness import EvalConfig
+from vllm_adaspkv.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -24,16 +25,16 @@ def test_eval_config_errors(kwargs, message):
 def test_resolve_model(tmp_path, tiny_llava_dir):
     assert resolve_model(tiny_llava_dir) == tiny_llava_dir
     assert resolve_model("shapes-llava") == BUNDLED_MODELS["shapes-llava"]
-    with pytest.raises(FileNotFoundError, match=r"model 'nope' is neither a bundled model \(shapes-llava\) nor a checkpoint directory"):
+    with pytest.raises(ConfigError, match=r"model 'nope' is neither a bundled model \(shapes-llava\) nor a checkpoint directory"):
         resolve_model("nope")
-    with pytest.raises(FileNotFoundError, match=r"neither a bundled model"):
+    with pytest.raises(ConfigError, match=r"neither a bundled model"):
         resolve_model(tmp_path)  # a directory without config.json
 
 
 def test_eval_command_reports_bad_input_in_one_line():
-    with pytest.raises(SystemExit, match=r"^adaspkv eval: tasks\[0\] = 'ppl': allowed 'wikitext2' or 'shapesvqa'$"):
+    with pytest.raises(SystemExit, match=r"^adaspkv eval: error: tasks\[0\] = 'ppl': allowed 'wikitext2' or 'shapesvqa'$"):
         main(["eval", "--model", "shapes-llava", "--tasks", "ppl"])
-    with pytest.raises(SystemExit, match=r"adaspkv eval: model 'missing-model' is neither"):
+    with pytest.raises(SystemExit, match=r"adaspkv eval: error: model 'missing-model' is neither"):
         main(["eval", "--model", "missing-model"])
 
 

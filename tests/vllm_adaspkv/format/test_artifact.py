@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 import vllm_adaspkv.format.artifact as art
+from vllm_adaspkv.errors import ConfigError
 from vllm_adaspkv.format import (
     LINEARS,
     MASK_FILE,
@@ -307,7 +308,7 @@ def test_model_hash_by_hand_and_follows_the_weights(tmp_path):
     assert model_sha256(tmp_path) == expected
     (tmp_path / "model-1.safetensors").write_bytes(bytes(range(1, 11)))
     assert model_sha256(tmp_path) != expected
-    with pytest.raises(FileNotFoundError, match="no config.json; not a checkpoint directory"):
+    with pytest.raises(ConfigError, match="no config.json; not a checkpoint directory"):
         model_sha256(tmp_path / "nowhere")
 
 
