@@ -95,6 +95,19 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
   fi
 fi
 
+# The distributed-search test (tests/offline_search/search/test_distributed_search.py) starts a
+# PostgreSQL server of its own on loopback: Debian's server package, installed once, as root.
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup_venv: installing Debian's postgresql for the distributed-search test"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q postgresql >/dev/null || { apt-get update -q && apt-get install -y -q postgresql >/dev/null; } \
+      || echo "setup_venv: warning: apt-get could not install postgresql; the distributed-search test will fail" >&2
+  else
+    echo "setup_venv: warning: no PostgreSQL server (initdb); the distributed-search test needs it (sudo apt-get install -y postgresql)" >&2
+  fi
+fi
+
 "$VENV/bin/vllm" --version
 "$PY" -c "import vllm_adaspkv, offline_search, demo"
 echo "$TARGET" > "$VENV/.adaspkv-installed"

@@ -88,7 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--storage", default=None,
                        help="Optuna storage URL, e.g. postgresql://user@host/db for many workers "
                             "(default: sqlite:///OUT/study.db)")
-    group.add_argument("--study-name", default=None, help="default: derived from the settings")
+    group.add_argument("--study-name", default=None, help="default: derived from the model's hash and the settings")
+    group.add_argument("--worker", action="store_true",
+                       help="join the study (same --storage and settings) as an extra worker: run trials until it "
+                            "has --trials completed, write no artifact (the run without --worker writes it)")
+    group.add_argument("--heartbeat-interval", type=float, default=30.0, metavar="SECONDS",
+                       help="a worker that has not beaten for 3 x this is taken as dead and its trial is run "
+                            "again (default: %(default)s)")
     group = parser.add_argument_group("KV-cache bits per layer (searched jointly with sparsity, or alone "
                                       "with --allocation uniform)")
     group.add_argument("--kv-search", choices=KV_SEARCHES, default=None,
@@ -116,6 +122,7 @@ def config_from_args(args: argparse.Namespace) -> CompressConfig:
         allocation=args.allocation, nm=parse_nm(args.nm) if args.nm else None,
         blocks=getattr(args, "blocks", None), trials=getattr(args, "trials", 1),
         storage=getattr(args, "storage", None), study_name=getattr(args, "study_name", None),
+        worker=getattr(args, "worker", False), heartbeat_s=getattr(args, "heartbeat_interval", 30.0),
         seed=args.seed, warm_start=warm, amia=args.amia, objective=objective, calibration=calibration,
         full_checkpoint=args.full_checkpoint, cache_dir=args.cache_dir,
         kv_bits=args.kv_bits, kv_group=args.kv_group, kv_key_rotation=args.kv_key_rotation,

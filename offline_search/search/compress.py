@@ -23,8 +23,9 @@ from vllm_adaspkv.format import LINEARS, Provenance, mask_key, model_sha256
 logger = logging.getLogger(__name__)
 
 
-def compress(config: CompressConfig) -> Path:
-    """Runs the whole job and returns the artifact directory."""
+def compress(config: CompressConfig) -> Path | None:
+    """Runs the whole job and returns the artifact directory (None for an extra worker, which only
+    runs trials of the shared study)."""
     model_dir = resolve_model(config.model)
     model, processor = load_llava(model_dir)
     num_layers = model_geometry(model).num_layers
@@ -63,6 +64,10 @@ def compress(config: CompressConfig) -> Path:
 
         warm = _warm_start(config, stats, pruner, num_layers) if config.warm_start else None
         study = run_search(config, base_sha256, layer_weights, evaluate_plan, warm, bare_eval_seconds)
+        if config.worker:
+            print(f"worker done: study {study.study_name!r} has {completed_trials(study)} completed trials; "
+                  "the search without --worker writes the artifact")
+            return None
         best = chosen_trial(study, config)
         if plan is None:
             plan = per_linear(_layer_values(config, best.user_attrs["block_sparsity"], num_layers), num_layers)

@@ -53,6 +53,8 @@ class CompressConfig(StrictModel):
     full_checkpoint: bool = False
     cache_dir: LaxPath | None = None  # default: $ADASPKV_CACHE_DIR or ~/.cache/adaspkv
     show_progress: bool = True
+    worker: bool = False  # join the study as an extra worker: run trials, write no artifact
+    heartbeat_s: Annotated[float, Field(gt=0.0)] = 30.0  # a worker silent for 3 x this is dead: its trial reruns
 
     @field_validator("kv_choices")
     @classmethod
@@ -75,6 +77,8 @@ class CompressConfig(StrictModel):
                              f"{min(self.kv_choices)} bits")
         if self.kv_search != "none" and self.kv_bits != 16:
             raise ValueError("--kv-bits sets one width for every layer; it cannot be combined with --kv-search")
+        if self.worker and not self.searches:
+            raise ValueError("--worker runs search trials: it needs --allocation tpe or --kv-search")
         if self.warm_start is not None and self.allocation != "tpe":
             raise ValueError("--warm-start seeds a TPE search: use it with --allocation tpe")
         if self.amia and self.metric not in ("wanda", "lognorm"):

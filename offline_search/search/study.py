@@ -10,6 +10,8 @@ trial; several workers may share one PostgreSQL storage.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -25,22 +27,17 @@ from tqdm import tqdm
 from offline_search.core.allocation import block_grid, centred_blocks, expand_blocks, layer_blocks
 from offline_search.core.kv_plans import equal_split, fill_budget, fit_budget, mean_bits, uniform_bits_within
 from offline_search.search.config import CompressConfig
+from offline_search.search.workers import TrialSeededTPE, claim_plan, wait_for_turn
 from vllm_adaspkv.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+MAX_DUPLICATES = 50
 
 
 def open_study(config: CompressConfig, model_sha256: str) -> optuna.Study:
     """Creates the study, or loads it after checking that it was started with the same settings."""
     Path(config.out).mkdir(parents=True, exist_ok=True)  # the default SQLite file lives there
-    with warnings.catch_warnings():  # heartbeats are marked experimental; they are what we need
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        storage = RDBStorage(
-            config.storage_url(),
-            # A worker that dies (SIGKILL, lost node) stops beating; its RUNNING trial is then failed
-            # and its parameters retried once by the next worker that starts a trial.
-            heartbeat_interval=30, grace_period=90,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+    storage = _storage(config)
     name = config.default_study_name(model_sha256)
     # pareto: perplexity (or loss) against mean KV bits, both minimised
     directions = ["minimize", "minimize"] if config.kv_search == "pareto" else ["minimize"]
@@ -53,9 +50,28 @@ def open_study(config: CompressConfig, model_sha256: str) -> optuna.Study:
         changed = sorted(k for k in settings if started.get(k) != settings[k])
         raise ConfigError(f"study {name!r} in {config.storage_url()} was started with other settings "
                          f"({', '.join(changed)}); use another --out, --storage or --study-name")
-    # Re-seed by progress: a resumed search must not replay the random start-up trials it already ran.
-    study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(study.trials))
+    study.sampler = TrialSeededTPE(config.seed, constant_liar=True)  # see workers.py
     return study
+
+
+def _storage(config: CompressConfig, attempts: int = 5) -> RDBStorage:
+    """Optuna's RDB storage with heartbeats: a worker that dies (SIGKILL, lost node) stops beating; its
+    RUNNING trial is then failed and its parameters retried once by the next worker that starts a
+    trial. Workers that start together on an empty database race to create its tables (PostgreSQL
+    refuses the second CREATE): the loser tries again."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental; they are what we need
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                return RDBStorage(config.storage_url(), heartbeat_interval=config.heartbeat_s,
+                                  grace_period=3 * config.heartbeat_s,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+        except (IntegrityError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def block_plan(config: CompressConfig, layer_weights: list[int]) -> tuple[list[range], list[float]]:
@@ -92,7 +108,12 @@ def run_search(config: CompressConfig, model_sha256: str, layer_weights: list[in
         offsets = [round((value - config.sparsity) / config.step) for value in warm_start]
         study.enqueue_trial({**first, **dict(zip(names, offsets))}, skip_if_exists=True)
 
+    duplicates = 0  # consecutive trials pruned as plans already evaluated
+
     def objective(trial: optuna.Trial):
+        nonlocal duplicates
+        wait_for_turn(study, trial, config.trials, poll_s=min(1.0, config.heartbeat_s / 2))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         layer_sparsity = bits = None
         if config.allocation == "tpe":
             sampled = [config.sparsity + config.step * trial.suggest_int(n, -reach, reach) for n in names]
@@ -111,14 +132,24 @@ def run_search(config: CompressConfig, model_sha256: str, layer_weights: list[in
                 bits = fill_budget(bits, config.kv_bits_budget, choices)
         if bits is not None:
             trial.set_user_attr("kv_bits", bits)
+        try:
+            claim_plan(study, trial, {"block_sparsity": [round(s, 9) for s in trial.user_attrs.get("block_sparsity", [])],
+                                      "kv_bits": bits})
+        except optuna.TrialPruned:
+            duplicates += 1
+            if duplicates >= MAX_DUPLICATES:  # a small grid can run out of plans before N trials
+                logger.warning("%d sampled plans in a row were evaluated already: stopping this worker",
+                               duplicates)
+                study.stop()
+            raise
+        duplicates = 0
         value = evaluate_plan(layer_sparsity, bits)
         return (value, mean_bits(bits)) if config.kv_search == "pareto" else value
 
     if config.show_progress:  # the bar shows each trial; Optuna's per-trial INFO lines would break it
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     done = completed_trials(study)
-    remaining = config.trials - done
-    if remaining <= 0:
+    if done >= config.trials:
         logger.info("study %r already has %d completed trials", study.study_name, done)
         return study
     bar = tqdm(total=config.trials, initial=done, desc="search", unit="trial", disable=not config.show_progress)
@@ -135,7 +166,9 @@ def run_search(config: CompressConfig, model_sha256: str, layer_weights: list[in
 
     start = time.perf_counter()
     try:
-        study.optimize(objective, n_trials=remaining,
+        # until the study (every worker's trials together) has config.trials completed: wait_for_turn stops
+        # a trial that would be one too many, MaxTrialsCallback the worker whose trial was the last
+        study.optimize(objective, n_trials=None,
                        callbacks=[progress, MaxTrialsCallback(config.trials, states=(TrialState.COMPLETE,))])
     finally:
         bar.close()

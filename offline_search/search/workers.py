@@ -1,0 +1,84 @@
+"""Several search workers on one study (Optuna's RDB storage: SQLite on one machine, PostgreSQL on many).
+
+What Optuna gives and what this adds:
+- Sampling: TPE with `constant_liar` (running trials count as bad, so concurrent workers spread out)
+  and a random state seeded by the trial number (`TrialSeededTPE`): workers that start together do not
+  replay the same start-up trials, as one sampler seeded per worker would, and a resumed study draws
+  new ones.
+- No plan evaluated twice (`claim_plan`): a trial whose plan another running or finished trial
+  already has is pruned (not counted) before it costs an evaluation.
+- Exactly N completed trials (`wait_for_turn`): a trial starts only while the finished trials plus
+  the running ones ahead of it are fewer than N; otherwise it waits, and gives way to a trial that
+  Optuna's heartbeat re-queued after its worker died (RetryHeartbeatStaleTrialCallback).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.samplers import BaseSampler, TPESampler
+from optuna.trial import FrozenTrial, TrialState
+
+ACTIVE = (TrialState.RUNNING, TrialState.COMPLETE)
+
+
+class TrialSeededTPE(BaseSampler):
+    """Optuna's TPE sampler, its random state seeded with seed + trial number, trial by trial."""
+
+    def __init__(self, seed: int, **tpe_options):
+        self._seed, self._options = seed, tpe_options
+        self._current: tuple[int, TPESampler] | None = None
+
+    def _tpe(self, trial: FrozenTrial) -> TPESampler:
+        if self._current is None or self._current[0] != trial.number:  # TPE keeps no state but its RNG
+            self._current = (trial.number, TPESampler(seed=self._seed + trial.number, **self._options))
+        return self._current[1]
+
+    def infer_relative_search_space(self, study, trial):
+        return self._tpe(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._tpe(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._tpe(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):
+        self._tpe(trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self._tpe(trial).after_trial(study, trial, state, values)
+
+
+def wait_for_turn(study: optuna.Study, trial: optuna.Trial, n_trials: int, poll_s: float) -> None:
+    """Returns when `trial` may run; raises TrialPruned (and stops this worker's loop) when the study
+    has its N completed trials, or to give way to a trial re-queued after its worker died."""
+    while True:
+        with warnings.catch_warnings():  # marked experimental, like the heartbeat it serves
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial fails here, and is re-queued
+        trials = study.get_trials(deepcopy=False)
+        complete = sum(t.state == TrialState.COMPLETE for t in trials)
+        if complete >= n_trials:
+            study.stop()
+            raise optuna.TrialPruned(f"the study has its {n_trials} completed trials")
+        if any(t.state == TrialState.WAITING and "failed_trial" in t.system_attrs for t in trials):
+            raise optuna.TrialPruned("a re-queued trial runs first")  # this worker takes it next
+        ahead = sum(t.state == TrialState.RUNNING and t.number < trial.number for t in trials)
+        if complete + ahead < n_trials:
+            return
+        time.sleep(poll_s)  # the trials ahead may finish (then the study is done) or die (then re-run)
+
+
+def claim_plan(study: optuna.Study, trial: optuna.Trial, plan: dict) -> None:
+    """Records the trial's plan; prunes the trial if another running or finished trial has it. Two
+    trials that record the same plan at once may both be pruned; never both evaluated."""
+    key = json.dumps(plan, sort_keys=True)
+    trial.set_user_attr("plan", key)
+    for other in study.get_trials(deepcopy=False, states=ACTIVE):
+        if other.number != trial.number and other.user_attrs.get("plan") == key:
+            raise optuna.TrialPruned(f"the same plan as trial {other.number}")
