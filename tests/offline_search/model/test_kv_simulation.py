@@ -45,3 +45,46 @@ def test_a_left_padded_row_reads_only_its_own_tokens(tiny_llava_dir):
         apply_kv_plan(model, [16] * layers, 32)
         in_batch = model(input_ids=padded, attention_mask=mask).logits[:, 4:]
     assert torch.allclose(in_batch, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize(("bits", "rotate"), [(8, False), (4, False), (2, False), (4, True)])
+def test_the_simulated_cache_reads_what_the_served_cache_stores(tiny_llava_dir, monkeypatch, bits, rotate):
+    """Layer 0's K/V as the simulation attends over them equal the rows the served cache stores for the
+    same K/V (the C++ write the plugin calls on CPU), decoded: the search measures what is served."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from vllm_adaspkv.kv import cpu_kernels, paged, quant
+    from vllm_adaspkv.kv.paged import KVFormat
+
+    model, _ = load_llava(tiny_llava_dir)
+    layers = model.config.text_config.num_hidden_layers
+    ids = torch.randint(3, 200, (1, 20), generator=torch.Generator().manual_seed(2))
+    seen = []
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def recording(module, query, key, value, *args, **kwargs):
+        seen.append((key.detach().clone(), value.detach().clone()))  # [1, kv heads, tokens, head_dim]
+        return sdpa(module, query, key, value, *args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", recording)
+    with torch.no_grad():
+        apply_kv_plan(model, [16] * layers, 32)
+        model(input_ids=ids)
+        raw_key, raw_value = seen[0]  # layer 0: its K/V do not depend on the plan
+        seen.clear()
+        apply_kv_plan(model, [bits] + [16] * (layers - 1), 32, rotate_keys=rotate)
+        model(input_ids=ids)
+    sim_key, sim_value = seen[0]
+    fmt = KVFormat(bits, raw_key.shape[-1], 32, rotate)
+    tokens = raw_key.shape[2]
+    cache = torch.zeros(tokens, raw_key.shape[1], 1, fmt.token_head_bytes, dtype=torch.uint8)  # a slot a block
+    key, value = raw_key[0].transpose(0, 1), raw_value[0].transpose(0, 1)  # [tokens, kv heads, head_dim]
+    cpu_kernels.write(cache, key, value, torch.arange(tokens), fmt)
+    assert torch.equal(cache[:, :, 0], paged.encode(key, value, fmt))  # the bytes paged_kv and the search use
+    stored_key, stored_value = paged.decode(cache[:, :, 0], fmt, torch.float32)  # [tokens, kv heads, head_dim]
+    assert torch.equal(stored_value, sim_value[0].transpose(0, 1))
+    if rotate:  # keys are stored in the Hadamard basis; the simulation rotates them back
+        h = quant.hadamard(fmt.head_dim)
+        torch.testing.assert_close(stored_key @ h, sim_key[0].transpose(0, 1), rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(stored_key, sim_key[0].transpose(0, 1))
