@@ -66,7 +66,8 @@ class AdaspkvLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         install_kv_formats(self, self.served)
         cache = vllm_config.cache_config
         logger.info("%s", startup_table(self.served, vllm_config.model_config.dtype.itemsize,
-                                        cache.kv_cache_memory_bytes, cache.block_size))
+                                        cache.kv_cache_memory_bytes, cache.block_size,
+                                        vllm_config.parallel_config.tensor_parallel_size))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Masks the Hugging Face weight stream before vLLM fuses q/k/v and gate/up and slices for

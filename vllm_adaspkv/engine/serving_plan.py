@@ -99,16 +99,20 @@ def kv_formats(served: ServedArtifact) -> list[KVFormat | None]:
 
 
 def startup_table(served: ServedArtifact, dense_element_bytes: int, budget_bytes: int | None,
-                  block_size: int) -> str:
-    """Per layer bits, KV bytes per token (all KV heads, K and V, scales included) and sparsity; then
-    the cache's capacity against a 16-bit cache of the same budget."""
+                  block_size: int, tensor_parallel: int = 1) -> str:
+    """Per layer bits, KV bytes per token (this rank's KV heads, K and V, scales included) and
+    sparsity; then the cache's capacity against a 16-bit cache of the same budget. Under tensor
+    parallelism each rank holds its share of the KV heads (at least one: vLLM replicates them when
+    there are fewer heads than ranks), and the budget is per rank."""
     plan, geometry = served.plan, served.geometry
     group = plan.kv_quant.group_size
+    heads = max(1, geometry.num_kv_heads // tensor_parallel)
 
     def token_bytes(bits: list[int], element_bytes: int = dense_element_bytes) -> int:
-        return bytes_per_token(bits, geometry.num_kv_heads, geometry.head_dim, group, element_bytes)
+        return bytes_per_token(bits, heads, geometry.head_dim, group, element_bytes)
 
-    lines = [f"adaspkv: serving {served.artifact_dir} (model {served.model_dir})",
+    ranks = f", {heads} of {geometry.num_kv_heads} KV heads on each of {tensor_parallel} ranks" if tensor_parallel > 1 else ""
+    lines = [f"adaspkv: serving {served.artifact_dir} (model {served.model_dir}{ranks})",
              f"{'layer':>5} {'kv bits':>7} {'bytes/token':>11} {'sparsity':>8}"]
     sparsity = plan.layer_sparsity(geometry.linear_sizes())
     for i, layer in enumerate(plan.layers):

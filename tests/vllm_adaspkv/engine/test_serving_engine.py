@@ -108,3 +108,21 @@ def test_mixed_six_bit_capacity_and_served_zeros(tmp_path, vllm_env, shapes_dir,
             zeros = np.unpackbits(np.array(got["bits"], dtype=np.uint8))[: np.prod(got["shape"])]
             expected = ~torch.cat([masks[mask_key(i, part)] for part in parts]).numpy()
             assert np.array_equal(zeros.reshape(got["shape"]).astype(bool), expected), (i, name)
+
+
+def test_tensor_parallel_two_gives_the_same_tokens(tmp_path, vllm_env, shapes_dir, prompts):
+    """A masked, mixed-KV artifact at TP 1 and TP 2 (vLLM's CPU backend: two worker processes, one KV head
+    of two each, threads bound one core each since the machine has one NUMA node)."""
+    import re
+
+    art = make_artifact(tmp_path / "mixed", shapes_dir, [8, 4, 6, 16], sparsity=0.5)
+    one, _ = run_llm(tmp_path, vllm_env, art, prompts[:16])
+    two, log = run_llm(tmp_path, {**vllm_env, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}, art, prompts[:16],
+                       engine={"tensor_parallel_size": 2})
+    assert "Worker_TP1" in log and "1 of 2 KV heads on each of 2 ranks" in log
+    assert two["tokens"] == one["tokens"]
+    # each rank holds half the heads in its budget: twice the tokens, as the start-up table says
+    assert two["num_blocks"] == 2 * one["num_blocks"]
+    table = int(re.search(r"KV budget \d+ bytes: (\d+) tokens", log)[1])
+    vllm_says = int(re.search(r"KV cache size: ([\d,]+) tokens", log)[1].replace(",", ""))
+    assert table == vllm_says == two["num_blocks"] * two["block_size"]
