@@ -10,8 +10,6 @@ trial; several workers may share one PostgreSQL storage.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -27,7 +25,7 @@ from tqdm import tqdm
 from offline_search.core.allocation import block_grid, centred_blocks, expand_blocks, layer_blocks
 from offline_search.core.kv_plans import equal_split, fill_budget, fit_budget, mean_bits, uniform_bits_within
 from offline_search.search.config import CompressConfig
-from offline_search.search.workers import TrialSeededTPE, claim_plan, wait_for_turn
+from offline_search.search.workers import TrialSeededTPE, claim_params, finished_plan, wait_for_turn, worker_name
 from vllm_adaspkv.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -108,12 +106,12 @@ def run_search(config: CompressConfig, model_sha256: str, layer_weights: list[in
         offsets = [round((value - config.sparsity) / config.step) for value in warm_start]
         study.enqueue_trial({**first, **dict(zip(names, offsets))}, skip_if_exists=True)
 
-    duplicates = 0  # consecutive trials pruned as plans already evaluated
+    duplicates = 0  # consecutive trials pruned for parameters already taken
 
     def objective(trial: optuna.Trial):
         nonlocal duplicates
         wait_for_turn(study, trial, config.trials, poll_s=min(1.0, config.heartbeat_s / 2))
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("worker", worker_name())
         layer_sparsity = bits = None
         if config.allocation == "tpe":
             sampled = [config.sparsity + config.step * trial.suggest_int(n, -reach, reach) for n in names]
@@ -133,16 +131,21 @@ def run_search(config: CompressConfig, model_sha256: str, layer_weights: list[in
         if bits is not None:
             trial.set_user_attr("kv_bits", bits)
         try:
-            claim_plan(study, trial, {"block_sparsity": [round(s, 9) for s in trial.user_attrs.get("block_sparsity", [])],
-                                      "kv_bits": bits})
+            claim_params(study, trial)
         except optuna.TrialPruned:
             duplicates += 1
-            if duplicates >= MAX_DUPLICATES:  # a small grid can run out of plans before N trials
-                logger.warning("%d sampled plans in a row were evaluated already: stopping this worker",
+            if duplicates >= MAX_DUPLICATES:  # a small grid can run out of parameters before N trials
+                logger.warning("%d sampled parameter sets in a row were taken already: stopping this worker",
                                duplicates)
                 study.stop()
             raise
         duplicates = 0
+        same = finished_plan(study, trial, {"block_sparsity": [round(s, 9) for s in
+                                                               trial.user_attrs.get("block_sparsity", [])],
+                                            "kv_bits": bits})
+        if same is not None:  # the objective is deterministic: the same plan, the same values
+            trial.set_user_attr("same_plan_as", same.number)
+            return tuple(same.values) if config.kv_search == "pareto" else same.value
         value = evaluate_plan(layer_sparsity, bits)
         return (value, mean_bits(bits)) if config.kv_search == "pareto" else value
 

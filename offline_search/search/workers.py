@@ -5,8 +5,9 @@ What Optuna gives and what this adds:
   and a random state seeded by the trial number (`TrialSeededTPE`): workers that start together do not
   replay the same start-up trials, as one sampler seeded per worker would, and a resumed study draws
   new ones.
-- No plan evaluated twice (`claim_plan`): a trial whose plan another running or finished trial
-  already has is pruned (not counted) before it costs an evaluation.
+- No parameters sampled twice (`claim_params`): a trial whose parameters another running or finished
+  trial already has is pruned (not counted). A plan already evaluated under other parameters is not
+  evaluated again (`finished_plan`): the trial takes that trial's values.
 - Exactly N completed trials (`wait_for_turn`): a trial starts only while the finished trials plus
   the running ones ahead of it are fewer than N; otherwise it waits, and gives way to a trial that
   Optuna's heartbeat re-queued after its worker died (RetryHeartbeatStaleTrialCallback).
@@ -15,12 +16,15 @@ What Optuna gives and what this adds:
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 import warnings
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.samplers import BaseSampler, TPESampler
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 ACTIVE = (TrialState.RUNNING, TrialState.COMPLETE)
@@ -54,6 +58,32 @@ class TrialSeededTPE(BaseSampler):
         self._tpe(trial).after_trial(study, trial, state, values)
 
 
+def worker_name() -> str:
+    """Who runs a trial: host and process, recorded on each trial."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail_dead_local_trials(study: optuna.Study) -> None:
+    """Fails, and re-queues once, the running trials of processes on this host that are gone (a search
+    killed and started again): without waiting out their heartbeat's grace period."""
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner, _, pid = trial.user_attrs.get("worker", "").rpartition(":")
+        if owner == host and pid.isdigit() and not _alive(int(pid)):
+            study.tell(trial.number, state=TrialState.FAIL)
+            RetryHeartbeatStaleTrialCallback(max_retry=1)(study, study.get_trials(deepcopy=False)[trial.number])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def wait_for_turn(study: optuna.Study, trial: optuna.Trial, n_trials: int, poll_s: float) -> None:
     """Returns when `trial` may run; raises TrialPruned (and stops this worker's loop) when the study
     has its N completed trials, or to give way to a trial re-queued after its worker died."""
@@ -61,6 +91,7 @@ def wait_for_turn(study: optuna.Study, trial: optuna.Trial, n_trials: int, poll_
         with warnings.catch_warnings():  # marked experimental, like the heartbeat it serves
             warnings.simplefilter("ignore", ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # a dead worker's trial fails here, and is re-queued
+        fail_dead_local_trials(study)
         trials = study.get_trials(deepcopy=False)
         complete = sum(t.state == TrialState.COMPLETE for t in trials)
         if complete >= n_trials:
@@ -74,11 +105,19 @@ def wait_for_turn(study: optuna.Study, trial: optuna.Trial, n_trials: int, poll_
         time.sleep(poll_s)  # the trials ahead may finish (then the study is done) or die (then re-run)
 
 
-def claim_plan(study: optuna.Study, trial: optuna.Trial, plan: dict) -> None:
-    """Records the trial's plan; prunes the trial if another running or finished trial has it. Two
-    trials that record the same plan at once may both be pruned; never both evaluated."""
+def claim_params(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Prunes the trial if another running or finished trial has its parameters. Two trials that draw
+    the same parameters at once may both be pruned; never both run."""
+    key = json.dumps(trial.params, sort_keys=True)
+    for other in study.get_trials(deepcopy=False, states=ACTIVE):
+        if other.number != trial.number and json.dumps(other.params, sort_keys=True) == key:
+            raise optuna.TrialPruned(f"the same parameters as trial {other.number}")
+
+
+def finished_plan(study: optuna.Study, trial: optuna.Trial, plan: dict) -> FrozenTrial | None:
+    """Records the trial's plan; a finished trial with the same plan (other parameters can give the same
+    plan: block sparsities are centred), whose values this trial may take instead of evaluating again."""
     key = json.dumps(plan, sort_keys=True)
     trial.set_user_attr("plan", key)
-    for other in study.get_trials(deepcopy=False, states=ACTIVE):
-        if other.number != trial.number and other.user_attrs.get("plan") == key:
-            raise optuna.TrialPruned(f"the same plan as trial {other.number}")
+    return next((other for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if other.user_attrs.get("plan") == key), None)

@@ -41,6 +41,7 @@ def test_killed_search_resumes_and_keeps_finished_trials(tiny_llava_dir, tmp_pat
     before = completed(db)
     assert 3 <= len(before) < 12 and not (out / "adaspkv.json").exists()
 
+    started = time.monotonic()
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     after = completed(db)
@@ -48,3 +49,8 @@ def test_killed_search_resumes_and_keeps_finished_trials(tiny_llava_dir, tmp_pat
     assert after[:len(before)] == before  # finished trials kept, values unchanged
     assert "reused from" in rerun.stdout  # no second calibration either
     assert (out / "adaspkv.json").is_file()
+    # a trial the kill interrupted was failed and run again at once, not after its 90 s heartbeat grace
+    assert time.monotonic() - started < 85
+    with sqlite3.connect(db) as connection:
+        states = dict(connection.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
+    assert states.get("FAIL", 0) <= 1 and "RUNNING" not in states

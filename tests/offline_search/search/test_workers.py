@@ -3,7 +3,7 @@
 import optuna
 import pytest
 
-from offline_search.search.workers import TrialSeededTPE, claim_plan
+from offline_search.search.workers import TrialSeededTPE
 
 
 def _two_workers(path):
@@ -23,11 +23,42 @@ def test_workers_that_start_together_draw_different_trials_reproducibly(tmp_path
     assert draws[0] == draws[1]  # and the same again on a new study
 
 
-def test_a_plan_is_claimed_once(tmp_path):
+def test_parameters_are_claimed_once_and_a_finished_plan_is_not_evaluated_again(tmp_path):
+    from offline_search.search.workers import claim_params, finished_plan
+
     first, second = _two_workers(tmp_path / "s.db")
     running = first.ask()
-    claim_plan(first, running, {"kv_bits": [8, 4]})
-    same = second.ask()
-    with pytest.raises(optuna.TrialPruned, match=f"the same plan as trial {running.number}"):
-        claim_plan(second, same, {"kv_bits": [8, 4]})
-    claim_plan(second, second.ask(), {"kv_bits": [4, 8]})  # another plan runs
+    running.suggest_int("block_0", -2, 2)
+    claim_params(first, running)
+    second.enqueue_trial(running.params)  # another worker draws the same parameters
+    twin = second.ask()
+    twin.suggest_int("block_0", -2, 2)
+    with pytest.raises(optuna.TrialPruned, match=f"the same parameters as trial {running.number}"):
+        claim_params(second, twin)
+    assert finished_plan(first, running, {"kv_bits": [8, 4]}) is None
+    first.tell(running, 1.5)
+    other = second.ask()
+    other.suggest_int("block_0", -2, 2)
+    found = finished_plan(second, other, {"kv_bits": [8, 4]})  # other parameters, the same plan
+    assert found.number == running.number and found.value == 1.5
+
+
+def test_a_trial_of_a_dead_process_on_this_host_is_failed_and_requeued_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    from offline_search.search.workers import fail_dead_local_trials, worker_name
+
+    first, _ = _two_workers(tmp_path / "s.db")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = first.ask()
+    orphan.suggest_int("block_0", -2, 2)
+    orphan.set_user_attr("worker", f"{worker_name().rpartition(':')[0]}:{gone.stdout.strip()}")
+    alive = first.ask()
+    alive.set_user_attr("worker", worker_name())  # this process: left alone
+    fail_dead_local_trials(first)
+    states = {t.number: t.state for t in first.get_trials()}
+    assert states[orphan.number] == optuna.trial.TrialState.FAIL
+    assert states[alive.number] == optuna.trial.TrialState.RUNNING
+    retry = [t for t in first.get_trials() if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.WAITING and retry[0].params == orphan.params
