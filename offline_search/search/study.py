@@ -25,7 +25,8 @@ from tqdm import tqdm
 from offline_search.core.allocation import block_grid, centred_blocks, expand_blocks, layer_blocks
 from offline_search.core.kv_plans import equal_split, fill_budget, fit_budget, mean_bits, uniform_bits_within
 from offline_search.search.config import CompressConfig
-from offline_search.search.workers import TrialSeededTPE, claim_params, finished_plan, wait_for_turn, worker_name
+from offline_search.search.workers import (TrialSeededTPE, claim_params, finished_plan, record_worker,
+                                           wait_for_turn)
 from vllm_adaspkv.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -110,8 +111,8 @@ def run_search(config: CompressConfig, model_sha256: str, layer_weights: list[in
 
     def objective(trial: optuna.Trial):
         nonlocal duplicates
+        record_worker(trial)
         wait_for_turn(study, trial, config.trials, poll_s=min(1.0, config.heartbeat_s / 2))
-        trial.set_user_attr("worker", worker_name())
         layer_sparsity = bits = None
         if config.allocation == "tpe":
             sampled = [config.sparsity + config.step * trial.suggest_int(n, -reach, reach) for n in names]

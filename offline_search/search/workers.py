@@ -6,8 +6,9 @@ What Optuna gives and what this adds:
   replay the same start-up trials, as one sampler seeded per worker would, and a resumed study draws
   new ones.
 - No parameters sampled twice (`claim_params`): a trial whose parameters another running or finished
-  trial already has is pruned (not counted). A plan already evaluated under other parameters is not
-  evaluated again (`finished_plan`): the trial takes that trial's values.
+  trial already has is pruned (not counted). A plan that a finished trial evaluated under other
+  parameters is not evaluated again (`finished_plan`): the trial takes that trial's values (two
+  running trials may still evaluate one plan at the same time).
 - Exactly N completed trials (`wait_for_turn`): a trial starts only while the finished trials plus
   the running ones ahead of it are fewer than N; otherwise it waits, and gives way to a trial that
   Optuna's heartbeat re-queued after its worker died (RetryHeartbeatStaleTrialCallback).
@@ -59,8 +60,15 @@ class TrialSeededTPE(BaseSampler):
 
 
 def worker_name() -> str:
-    """Who runs a trial: host and process, recorded on each trial."""
+    """Who runs a trial: host and process."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def record_worker(trial: optuna.Trial) -> None:
+    """Records on the trial who runs it (and for which trial: a re-queued trial inherits the attributes
+    of the one it repeats)."""
+    trial.set_user_attr("worker", worker_name())
+    trial.set_user_attr("worker_of", trial.number)
 
 
 def fail_dead_local_trials(study: optuna.Study) -> None:
@@ -69,6 +77,9 @@ def fail_dead_local_trials(study: optuna.Study) -> None:
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner, _, pid = trial.user_attrs.get("worker", "").rpartition(":")
+        # a re-queued trial carries the dead worker's attributes until its new runner records itself
+        if trial.user_attrs.get("worker_of") != trial.number:
+            continue
         if owner == host and pid.isdigit() and not _alive(int(pid)):
             study.tell(trial.number, state=TrialState.FAIL)
             RetryHeartbeatStaleTrialCallback(max_retry=1)(study, study.get_trials(deepcopy=False)[trial.number])

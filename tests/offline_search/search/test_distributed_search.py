@@ -1,6 +1,6 @@
 """Three search workers on one study in a real PostgreSQL server (started here, on loopback), one of them
-SIGKILLed in the middle of a trial: the study ends with exactly N completed trials and no plan
-evaluated twice, the killed trial is failed by the heartbeat and run again once, and only the worker
+SIGKILLed in the middle of a trial: the study ends with exactly N completed trials and no parameters
+drawn twice, the killed trial is failed by the heartbeat and run again once, and only the worker
 started without --worker writes the artifact."""
 
 from __future__ import annotations
@@ -88,8 +88,6 @@ def test_three_workers_one_killed(tiny_llava_dir, tmp_path, postgres_url):
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == TRIALS  # exactly N, from three workers
     assert len({json.dumps(t.params, sort_keys=True) for t in complete}) == TRIALS  # no parameters twice
-    evaluated = [t.user_attrs["plan"] for t in complete if "same_plan_as" not in t.user_attrs]
-    assert len(set(evaluated)) == len(evaluated)  # and no plan evaluated twice
     killed_trial = next(t for t in trials if t.number == killed)
     assert killed_trial.state == optuna.trial.TrialState.FAIL  # failed by the heartbeat
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed]

@@ -47,18 +47,22 @@ def test_a_trial_of_a_dead_process_on_this_host_is_failed_and_requeued_at_once(t
     import subprocess
     import sys
 
-    from offline_search.search.workers import fail_dead_local_trials, worker_name
+    from offline_search.search.workers import fail_dead_local_trials, record_worker, worker_name
 
     first, _ = _two_workers(tmp_path / "s.db")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     orphan = first.ask()
     orphan.suggest_int("block_0", -2, 2)
     orphan.set_user_attr("worker", f"{worker_name().rpartition(':')[0]}:{gone.stdout.strip()}")
+    orphan.set_user_attr("worker_of", orphan.number)
     alive = first.ask()
-    alive.set_user_attr("worker", worker_name())  # this process: left alone
+    record_worker(alive)  # this process: left alone
+    inherited = first.ask()  # a re-queued trial, its new runner not recorded yet: left alone
+    inherited.set_user_attr("worker", orphan.user_attrs["worker"])
+    inherited.set_user_attr("worker_of", orphan.number)
     fail_dead_local_trials(first)
     states = {t.number: t.state for t in first.get_trials()}
     assert states[orphan.number] == optuna.trial.TrialState.FAIL
-    assert states[alive.number] == optuna.trial.TrialState.RUNNING
+    assert states[alive.number] == states[inherited.number] == optuna.trial.TrialState.RUNNING
     retry = [t for t in first.get_trials() if t.system_attrs.get("failed_trial") == orphan.number]
     assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.WAITING and retry[0].params == orphan.params
