@@ -112,7 +112,8 @@ def run_search(config: CompressConfig, model_sha256: str, layer_weights: list[in
     def objective(trial: optuna.Trial):
         nonlocal duplicates
         record_worker(trial)
-        wait_for_turn(study, trial, config.trials, poll_s=min(1.0, config.heartbeat_s / 2))
+        wait_for_turn(study, trial, config.trials, poll_s=min(1.0, config.heartbeat_s / 2),
+                      grace_s=3 * config.heartbeat_s)
         layer_sparsity = bits = None
         if config.allocation == "tpe":
             sampled = [config.sparsity + config.step * trial.suggest_int(n, -reach, reach) for n in names]

@@ -16,6 +16,7 @@ What Optuna gives and what this adds:
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -71,16 +72,18 @@ def record_worker(trial: optuna.Trial) -> None:
     trial.set_user_attr("worker_of", trial.number)
 
 
-def fail_dead_local_trials(study: optuna.Study) -> None:
-    """Fails, and re-queues once, the running trials of processes on this host that are gone (a search
-    killed and started again): without waiting out their heartbeat's grace period."""
-    host = socket.gethostname()
+def fail_dead_trials(study: optuna.Study, grace_s: float) -> None:
+    """Fails, and re-queues once, running trials whose worker is gone where Optuna's heartbeat does not
+    see it: a process on this host that is no longer alive (a search killed and run again: no need to
+    wait out the grace period), and a trial whose worker died before it recorded itself or beat once
+    (Optuna's stale-trial check knows only trials that have beaten; such a trial would block the study)."""
+    host, now = socket.gethostname(), datetime.datetime.now()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        recorded = trial.user_attrs.get("worker_of") == trial.number  # a re-queued trial inherits the old one's
         owner, _, pid = trial.user_attrs.get("worker", "").rpartition(":")
-        # a re-queued trial carries the dead worker's attributes until its new runner records itself
-        if trial.user_attrs.get("worker_of") != trial.number:
-            continue
-        if owner == host and pid.isdigit() and not _alive(int(pid)):
+        gone = owner == host and pid.isdigit() and not _alive(int(pid)) if recorded else \
+            (now - trial.datetime_start).total_seconds() > grace_s
+        if gone:
             study.tell(trial.number, state=TrialState.FAIL)
             RetryHeartbeatStaleTrialCallback(max_retry=1)(study, study.get_trials(deepcopy=False)[trial.number])
 
@@ -95,14 +98,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def wait_for_turn(study: optuna.Study, trial: optuna.Trial, n_trials: int, poll_s: float) -> None:
+def wait_for_turn(study: optuna.Study, trial: optuna.Trial, n_trials: int, poll_s: float, grace_s: float) -> None:
     """Returns when `trial` may run; raises TrialPruned (and stops this worker's loop) when the study
     has its N completed trials, or to give way to a trial re-queued after its worker died."""
     while True:
         with warnings.catch_warnings():  # marked experimental, like the heartbeat it serves
             warnings.simplefilter("ignore", ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # a dead worker's trial fails here, and is re-queued
-        fail_dead_local_trials(study)
+        fail_dead_trials(study, grace_s)
         trials = study.get_trials(deepcopy=False)
         complete = sum(t.state == TrialState.COMPLETE for t in trials)
         if complete >= n_trials:

@@ -47,7 +47,7 @@ def test_a_trial_of_a_dead_process_on_this_host_is_failed_and_requeued_at_once(t
     import subprocess
     import sys
 
-    from offline_search.search.workers import fail_dead_local_trials, record_worker, worker_name
+    from offline_search.search.workers import fail_dead_trials, record_worker, worker_name
 
     first, _ = _two_workers(tmp_path / "s.db")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -60,9 +60,26 @@ def test_a_trial_of_a_dead_process_on_this_host_is_failed_and_requeued_at_once(t
     inherited = first.ask()  # a re-queued trial, its new runner not recorded yet: left alone
     inherited.set_user_attr("worker", orphan.user_attrs["worker"])
     inherited.set_user_attr("worker_of", orphan.number)
-    fail_dead_local_trials(first)
+    fail_dead_trials(first, grace_s=60)
     states = {t.number: t.state for t in first.get_trials()}
     assert states[orphan.number] == optuna.trial.TrialState.FAIL
     assert states[alive.number] == states[inherited.number] == optuna.trial.TrialState.RUNNING
     retry = [t for t in first.get_trials() if t.system_attrs.get("failed_trial") == orphan.number]
     assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.WAITING and retry[0].params == orphan.params
+
+
+def test_a_trial_whose_worker_died_before_it_recorded_itself_fails_after_the_grace_period(tmp_path):
+    """Optuna's stale-trial check knows only trials that have beaten once: such a trial stayed RUNNING and
+    blocked the study (a search killed between creating a trial and running it)."""
+    import time
+
+    from offline_search.search.workers import fail_dead_trials
+
+    first, _ = _two_workers(tmp_path / "s.db")
+    silent = first.ask()
+    fail_dead_trials(first, grace_s=60)
+    assert first.get_trials()[silent.number].state == optuna.trial.TrialState.RUNNING  # within the grace period
+    time.sleep(0.2)
+    fail_dead_trials(first, grace_s=0.1)
+    assert first.get_trials()[silent.number].state == optuna.trial.TrialState.FAIL
+    assert [t.system_attrs.get("failed_trial") for t in first.get_trials()][-1] == silent.number  # re-queued
