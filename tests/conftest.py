@@ -10,12 +10,26 @@ from offline_search.kit.tiny_llava import TinyLlavaSpec, make_tiny_llava
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINE_SCRIPTS = Path(__file__).resolve().parent / "engine_scripts"
+SMALL_FAMILY_CONFIG = REPO / "tests" / "fixtures" / "llava-small-family" / "config.json"
 
 
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory) -> Path:
     """The test kit's default tiny LLaVA, saved once per session (llava-hf layout)."""
     return make_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), TinyLlavaSpec())
+
+
+@pytest.fixture(scope="session")
+def small_family_dir(tmp_path_factory) -> Path:
+    """A LLaVA of llava-1.5-7b-hf's family (its config.json with small sizes written in: 2 layers of 128,
+    heads of 32), written as the 7B benchmark writes its checkpoint: sharded bf16 safetensors, index,
+    llava-hf tokenizer and chat template."""
+    from offline_search.data.text_data import read_lines, wikitext_path
+    from offline_search.kit.shaped_llava import write_shaped_llava
+
+    corpus = read_lines(wikitext_path("validation"))[:2000]
+    return write_shaped_llava(tmp_path_factory.mktemp("small-family"), SMALL_FAMILY_CONFIG, corpus,
+                              shard_bytes=4 << 20)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from offline_search.core.masks import parse_nm
 from offline_search.core.metrics import METRICS
 from offline_search.model.calibration import CalibrationConfig
 from offline_search.model.objective import OBJECTIVES, ObjectiveConfig
-from offline_search.search.config import ALLOCATIONS, KV_SEARCHES, WARM_STARTS, CompressConfig
+from offline_search.search.config import ALLOCATIONS, DEVICES, KV_SEARCHES, WARM_STARTS, CompressConfig
 from vllm_adaspkv.errors import ConfigError
 from vllm_adaspkv.format import KEY_ROTATIONS
 from vllm_adaspkv.kv.quant import KV_BITS
@@ -51,6 +51,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, allocations: tuple[str
                         help="also write the pruned checkpoint (llava-hf layout) into --out "
                              "(always done for sparsegpt, which updates weights)")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (default: %(default)s)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where the model runs for calibration, pruning and the objective; auto: cuda "
+                             "when a GPU is there, else cpu (default: %(default)s)")
     group = parser.add_argument_group("calibration")
     group.add_argument("--calibration-text", default="wikitext2",
                        help="'wikitext2' (bundled validation split), a UTF-8 text file, "
@@ -63,6 +66,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, allocations: tuple[str
                             "each with a NAME.txt prompt beside it, or 'none' (default: %(default)s)")
     group.add_argument("--calibration-samples", type=int, default=32,
                        help="image samples (default: %(default)s)")
+    group.add_argument("--seq-len", type=int, default=None,
+                       help="tokens per text window, for calibration and the objective (default: the model's "
+                            "max_position_embeddings, 4096 for LLaVA-1.5-7B)")
     group.add_argument("--cache-dir", type=Path, default=None,
                        help="calibration cache (default: $ADASPKV_CACHE_DIR or ~/.cache/adaspkv)")
     group = parser.add_argument_group("objective (what the search minimises and the export reports)")
@@ -112,10 +118,10 @@ def config_from_args(args: argparse.Namespace) -> CompressConfig:
     images = None if args.calibration_images == "none" else args.calibration_images
     warm = getattr(args, "warm_start", None)
     calibration = CalibrationConfig(
-        text=text, text_windows=args.calibration_windows, images=images,
+        text=text, text_windows=args.calibration_windows, seq_len=args.seq_len, images=images,
         image_samples=args.calibration_samples, hessian=args.metric == "sparsegpt",
         diversity=args.allocation == "das" or warm == "das", amia=args.amia)
-    objective = ObjectiveConfig(kind=args.objective, windows=args.objective_windows,
+    objective = ObjectiveConfig(kind=args.objective, windows=args.objective_windows, seq_len=args.seq_len,
                                 vqa_samples=args.objective_samples, mix_weight=args.objective_weight)
     return CompressConfig(
         model=args.model, out=args.out, sparsity=args.sparsity, metric=args.metric,
@@ -124,7 +130,7 @@ def config_from_args(args: argparse.Namespace) -> CompressConfig:
         storage=getattr(args, "storage", None), study_name=getattr(args, "study_name", None),
         worker=getattr(args, "worker", False), heartbeat_s=getattr(args, "heartbeat_interval", 30.0),
         seed=args.seed, warm_start=warm, amia=args.amia, objective=objective, calibration=calibration,
-        full_checkpoint=args.full_checkpoint, cache_dir=args.cache_dir,
+        full_checkpoint=args.full_checkpoint, cache_dir=args.cache_dir, device=args.device,
         kv_bits=args.kv_bits, kv_group=args.kv_group, kv_key_rotation=args.kv_key_rotation,
         **_kv_search_args(args))
 

@@ -1,10 +1,15 @@
 """Pruning masks from importance scores: pure tensor functions (no model, no I/O).
 
-A mask is boolean, True = keep, with the weight's shape [d_out, d_in]. `prune_order` ranks the scores
-once, so that masks at many sparsities (one per search trial) cost a scatter, not a sort.
+A mask is boolean, True = keep, with the weight's shape [d_out, d_in]. Every mask drops the
+round(sparsity * numel) lowest scores (of the matrix or, per row, rows losing equal counts +-1), ties
+broken by position: `keep_mask` finds them by selection (kthvalue, no sort), `mask_from_order` from a
+full ranking, and `mask_from_codes` from 1-byte rank codes (`rank_codes`) plus the scores of one bucket,
+which is how a search masks a 7B model at many sparsities without 8 bytes of ranking per weight.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -31,13 +36,18 @@ def mask_from_order(order: torch.Tensor, shape: torch.Size, sparsity: float) -> 
     the matrix sparsity is exact even where sparsity * row length is not an integer."""
     _check_sparsity(sparsity)
     groups, n = order.shape
-    total = round(sparsity * groups * n)
-    per_group = torch.full((groups, 1), total // groups)
-    per_group[: total % groups] += 1  # [groups, 1]
-    dropped = torch.arange(n)[None, :] < per_group  # [groups, n], in rank order
+    dropped = torch.arange(n)[None, :] < _drop_counts(groups, n, sparsity)[:, None]  # [groups, n], in rank order
     mask = torch.empty((groups, n), dtype=torch.bool)
     mask.scatter_(1, order, ~dropped)
     return mask.reshape(shape)
+
+
+def _drop_counts(groups: int, n: int, sparsity: float) -> torch.Tensor:
+    """Weights dropped per group: round(sparsity * groups * n) in all, the first groups one more. [groups]"""
+    total = round(sparsity * groups * n)
+    per_group = torch.full((groups,), total // groups)
+    per_group[: total % groups] += 1
+    return per_group
 
 
 def keep_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> torch.Tensor:
@@ -45,7 +55,58 @@ def keep_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> t
     matrix or, with `per_row`, the lowest of each output row (weights compete only in their row; rows
     lose equal counts, +-1). Ties are broken by position, so exactly that many go. scores [d_out, d_in]."""
     _check_sparsity(sparsity)
-    return mask_from_order(prune_order(scores, per_row), scores.shape, sparsity)
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be a 2-D [d_out, d_in] matrix, got shape {tuple(scores.shape)}")
+    groups = scores if per_row else scores.reshape(1, -1)  # [groups, n]
+    g, n = groups.shape
+    drop = _drop_counts(g, n, sparsity)  # [g]: two values at most, q + 1 (first rows) and q
+    threshold = torch.full((g,), float("-inf"), dtype=groups.dtype)
+    for count in drop.unique().tolist():
+        if count:
+            rows = drop == count
+            threshold[rows] = torch.kthvalue(groups[rows], count, dim=1).values
+    below = groups < threshold[:, None]  # [g, n], all dropped
+    tied = groups == threshold[:, None]  # the first (drop - below) of these, by position, go too
+    tied_needed = drop - below.sum(1)  # [g]
+    dropped = below | (tied & (tied.cumsum(1) <= tied_needed[:, None]))
+    return (~dropped).reshape(scores.shape)
+
+
+RANK_LEVELS = 256  # rank buckets of a uint8 code
+
+
+def rank_codes(scores: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """Each weight's rank bucket in its group (row, or the whole matrix), 1 byte a weight: rank r of
+    n goes to bucket r * 256 // n. [d_out, d_in] -> uint8 [groups, n]."""
+    order = prune_order(scores, per_row)  # [groups, n], transient int64
+    n = order.shape[1]
+    bucket = (torch.arange(n) * RANK_LEVELS // n).to(torch.uint8)  # [n]: bucket of each rank
+    codes = torch.empty(order.shape, dtype=torch.uint8)
+    codes.scatter_(1, order, bucket.expand_as(order))
+    return codes
+
+
+def mask_from_codes(codes: torch.Tensor, shape: torch.Size, sparsity: float,
+                    scores_at: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """keep_mask(scores, sparsity, per_row) from `rank_codes` of those scores: buckets below the one that
+    holds each group's first kept rank go, buckets above stay, and inside that one bucket the weights
+    are ordered by `scores_at(flat positions)` (the scores of those weights only, about 1/256 of them).
+    codes uint8 [groups, n] -> bool `shape`."""
+    _check_sparsity(sparsity)
+    groups, n = codes.shape
+    drop = _drop_counts(groups, n, sparsity)  # [groups]
+    boundary = drop * RANK_LEVELS // n  # [groups]: the bucket of rank `drop`, the first kept one
+    first_rank = -(-boundary * n // RANK_LEVELS)  # [groups]: the lowest rank in that bucket
+    keep = codes > boundary[:, None]  # [groups, n]
+    row, col = (codes == boundary[:, None]).nonzero(as_tuple=True)  # the boundary bucket, in position order
+    by_score = torch.sort(scores_at(row * n + col), stable=True).indices
+    order = by_score[torch.sort(row[by_score], stable=True).indices]  # by group, then score, then position
+    row, col = row[order], col[order]
+    starts = torch.cumsum(torch.bincount(row, minlength=groups), 0) - torch.bincount(row, minlength=groups)
+    rank_in_bucket = torch.arange(row.numel()) - starts[row]
+    kept = rank_in_bucket >= (drop - first_rank)[row]
+    keep[row[kept], col[kept]] = True
+    return keep.reshape(shape)
 
 
 def parse_nm(text: str) -> tuple[int, int]:

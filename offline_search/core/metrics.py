@@ -36,22 +36,54 @@ def lognorm_scores(weight: torch.Tensor, in_sq: torch.Tensor) -> torch.Tensor:
     or for its column; the fourth root damps the activation outliers that dominate Wanda."""
     _check(weight, in_sq)
     w = weight.abs().float()  # [d_out, d_in]
+    row_norm, col_norm = lognorm_norms(w)
+    return _lognorm(w, row_norm[:, None], col_norm[None, :], in_sq.float().pow(0.25)[None, :])
+
+
+def lognorm_norms(w_abs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row norms [d_out], column norms [d_in]) of |W| in float32: lognorm's whole-matrix part."""
     eps = torch.finfo(torch.float32).tiny  # an all-zero row or column scores 0, not NaN
-    relative = w / w.norm(dim=1, keepdim=True).clamp_min(eps) + w / w.norm(dim=0, keepdim=True).clamp_min(eps)
-    return torch.log1p(relative) * in_sq.float().pow(0.25)[None, :]
+    return w_abs.norm(dim=1).clamp_min(eps), w_abs.norm(dim=0).clamp_min(eps)  # [d_out], [d_in]
+
+
+def _lognorm(w_abs, row_norm, col_norm, in_fourth_root):
+    return torch.log1p(w_abs / row_norm + w_abs / col_norm) * in_fourth_root
 
 
 def activation_scores(metric: str, weight: torch.Tensor, in_sq: torch.Tensor | None) -> torch.Tensor:
     """The score of `metric` (magnitude, wanda or lognorm) for one weight matrix."""
+    _need_inputs(metric, in_sq)
     if metric == "magnitude":
         return magnitude_scores(weight)
-    if in_sq is None:
-        raise ValueError(f"metric {metric!r} needs calibration statistics of the layer's inputs")
     if metric == "wanda":
         return wanda_scores(weight, in_sq)
-    if metric == "lognorm":
-        return lognorm_scores(weight, in_sq)
-    raise ValueError(f"metric {metric!r} has no score function; choose from magnitude, wanda, lognorm")
+    return lognorm_scores(weight, in_sq)
+
+
+def scores_at(metric: str, weight: torch.Tensor, in_sq: torch.Tensor | None, flat: torch.Tensor,
+              norms: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """activation_scores(metric, weight, in_sq).reshape(-1)[flat], computed for those weights only.
+    lognorm also needs the whole matrix's `lognorm_norms(|W|)`: pass them when they are known.
+    flat int64 [k] -> [k]."""
+    _need_inputs(metric, in_sq)
+    d_in = weight.shape[1]
+    rows, cols = flat // d_in, flat % d_in  # [k]
+    w = weight.reshape(-1)[flat]  # [k]
+    if metric == "magnitude":
+        return w.abs()
+    if metric == "wanda":
+        _check(weight, in_sq)
+        return w.abs() * in_sq.sqrt()[cols]
+    _check(weight, in_sq)
+    row_norm, col_norm = norms if norms is not None else lognorm_norms(weight.abs().float())
+    return _lognorm(w.abs().float(), row_norm[rows], col_norm[cols], in_sq.float().pow(0.25)[cols])
+
+
+def _need_inputs(metric: str, in_sq: torch.Tensor | None) -> None:
+    if metric not in ("magnitude", "wanda", "lognorm"):
+        raise ValueError(f"metric {metric!r} has no score function; choose from magnitude, wanda, lognorm")
+    if metric != "magnitude" and in_sq is None:
+        raise ValueError(f"metric {metric!r} needs calibration statistics of the layer's inputs")
 
 
 def _check(weight: torch.Tensor, in_sq: torch.Tensor) -> None:

@@ -97,7 +97,7 @@ def load_model(model_dir: Path, artifact: str | None):
             s for layer in plan.layers for s in layer.sparsity.values()):
         return model  # a KV-only plan: no weight is pruned
     masks = art.read_masks(artifact, plan)
-    art.check_mask_shapes(masks, {key: tuple(m.weight.shape) for key, m in linears.items()}, source)
+    art.check_mask_shapes({k: tuple(m.shape) for k, m in masks.items()}, {key: tuple(m.weight.shape) for key, m in linears.items()}, source)
     with torch.no_grad():
         for key, mask in masks.items():
             linears[key].weight.mul_(mask.to(linears[key].weight.dtype))

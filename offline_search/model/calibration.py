@@ -1,20 +1,26 @@
-"""Calibration: per-linear input statistics of a LLaVA's language model, gathered with forward hooks.
+"""Calibration: per-linear input statistics of a LLaVA's language model, gathered layer by layer.
 
-One pass over the calibration samples (text windows, and ShapesVQA image + question + answer
-conversations) collects, for every language-model linear layer:
+The calibration samples (text windows, and ShapesVQA image + question + answer conversations) run
+through the model once up to the first decoder layer, whose inputs are kept; then each decoder layer
+in turn runs over all of them with forward hooks on its linears, and its outputs become the next
+layer's inputs (as the SparseGPT and Wanda codes do). Per linear:
 - `in_sq` [d_in]: mean over tokens of x_j^2 (Wanda's and lognorm's activation term);
-- `hessian` [d_in, d_in]: the mean of 2 x x^T (SparseGPT), when asked for;
+- `hessian` [d_in, d_in]: the mean of 2 x x^T (SparseGPT), when asked for; handed to `save_hessians`
+  one layer at a time and not kept (a 7B model's are 22 GB);
 - `diversity`: TAMP's token diversity of the layer's outputs, averaged over image samples (DAS);
 - `amia_in_sq` [d_in]: like `in_sq`, but over the tokens TAMP's AMIA selects (image samples).
-Statistics come from the dense model in one pass (the reference Wanda and SparseGPT instead feed each
-layer the outputs of the already pruned layers before it); that is what lets one cached calibration
-serve every trial of a search and every later run.
+Layer i+1 sees layer i's *dense* outputs (the reference Wanda and SparseGPT feed it the pruned ones):
+statistics of the dense model, which is what lets one cached calibration serve every trial of a search
+and every later run. Memory: the model, one layer's statistics and the hidden states of the samples.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Annotated
 
 import torch
@@ -26,13 +32,13 @@ from offline_search.core.perplexity import windows
 from offline_search.core.sparsegpt import accumulate_hessian
 from offline_search.data.calibration_data import image_samples, text_tokens
 from offline_search.data.vqa_batches import answer_batch
-from offline_search.model.llava import model_geometry, model_linears
-from vllm_adaspkv.format import StrictModel
+from offline_search.model.llava import decoder_layers, model_geometry
+from vllm_adaspkv.format import LINEARS, StrictModel, mask_key
 
 # Linears that read the same input tensor share its statistics (computed once, stored once).
 # Bump when the statistics computed here (or by tamp / sparsegpt) change: old cache entries are then
 # no longer found, instead of silently feeding new code with old numbers.
-STATISTICS_VERSION = 2
+STATISTICS_VERSION = 3
 SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
                 "mlp.up_proj": "mlp.gate_proj"}
 
@@ -100,23 +106,47 @@ def _running_mean(mean: torch.Tensor | None, count: int, batch_mean: torch.Tenso
     return mean * (count / (count + batch_count)) + batch_mean * (batch_count / (count + batch_count))
 
 
+class _Captured(Exception):
+    """Stops a forward pass at the first decoder layer once its inputs are kept."""
+
+
+@dataclass
+class _Sample:
+    hidden: torch.Tensor  # [batch, tokens, hidden]: the next layer's input
+    kwargs: dict  # position embeddings, attention mask, ...: the same for every layer
+    is_visual: torch.Tensor | None  # [tokens] for an image sample, None for text
+
+
 @torch.no_grad()
-def calibrate(model, processor, config: CalibrationConfig, show_progress: bool = True) -> dict[str, dict]:
-    """Mask key -> {"in_sq", "hessian"?, "diversity"?, "amia_in_sq"?, "tokens"} for every linear."""
-    linears = model_linears(model)
-    collector = _Collector(linears, config)
-    try:
-        if config.text is not None:
-            seq_len = config.seq_len or model_geometry(model).max_position_embeddings
-            chunks = windows(text_tokens(config.text, processor.tokenizer), seq_len, config.text_windows)
-            for batch in tqdm(chunks.split(8), desc="calibration text", unit="batch", disable=not show_progress):
-                model(input_ids=batch)
-        if config.images is not None:
-            _image_pass(model, processor, config, collector, show_progress)
-    finally:
-        collector.close()
-    stats = collector.stats
-    for key in stats:  # linears reading a shared input point at the same tensors
+def calibrate(model, processor, config: CalibrationConfig, show_progress: bool = True,
+              save_hessians: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> dict[str, dict]:
+    """Mask key -> {"in_sq", "diversity"?, "amia_in_sq"?, "tokens"} for every linear; with
+    config.hessian, each layer's {mask key: Hessian} goes to `save_hessians(layer, hessians)` (kept in
+    the statistics under "hessian" when it is None: small models)."""
+    text, images = _layer_inputs(model, processor, config, show_progress)
+    stats: dict[str, dict] = {}
+    layers = decoder_layers(model)
+    for i, layer in enumerate(tqdm(layers, desc="calibration", unit="layer", disable=not show_progress)):
+        linears = {mask_key(i, name): layer.get_submodule(name) for name in LINEARS}
+        collector = _Collector(linears, config)
+        try:
+            for sample in text:
+                sample.hidden = layer(sample.hidden, **sample.kwargs)
+            if images:
+                _image_layer(model, layer, images, collector, config)
+        finally:
+            collector.close()
+        layer_stats = _shared_inputs(collector.stats)
+        if config.hessian and save_hessians is not None:
+            save_hessians(i, {key: s.pop("hessian") for key, s in layer_stats.items()})
+        stats |= {key: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                  for key, s in layer_stats.items()}
+    return stats
+
+
+def _shared_inputs(stats: dict[str, dict]) -> dict[str, dict]:
+    """Linears reading a shared input point at the same tensors."""
+    for key in stats:
         for name, source in SHARED_INPUT.items():
             if key.endswith(f".{name}.weight"):
                 shared = stats[key.replace(name, source)]
@@ -124,30 +154,80 @@ def calibrate(model, processor, config: CalibrationConfig, show_progress: bool =
     return stats
 
 
-def _image_pass(model, processor, config: CalibrationConfig, collector: _Collector, show_progress: bool):
-    image_size = processor.image_processor.crop_size["height"]
-    image_token = model.config.image_token_id
-    need_tokens = config.diversity or config.amia
-    collector.keep_sample_io = need_tokens
-    previous_attn = model.config._attn_implementation
-    if config.amia:  # AMIA reads attention weights, which only the eager implementation returns
+def _layer_inputs(model, processor, config: CalibrationConfig, show_progress: bool):
+    """(text samples, image samples): each calibration forward pass stopped at the first decoder layer."""
+    first = decoder_layers(model)[0]
+    kept: list[tuple[torch.Tensor, dict]] = []
+
+    def keep(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kept.append((hidden, {k: v for k, v in kwargs.items() if k != "past_key_values"}))
+        raise _Captured
+
+    def run(**inputs):
+        try:
+            model(**{k: v.to(model.device) for k, v in inputs.items()}, use_cache=False)
+        except _Captured:
+            return kept.pop()
+        raise RuntimeError("the model's forward pass never reached its first decoder layer")
+
+    handle = first.register_forward_pre_hook(keep, with_kwargs=True)
+    text, images = [], []
+    try:
+        if config.text is not None:
+            seq_len = config.seq_len or model_geometry(model).max_position_embeddings
+            chunks = windows(text_tokens(config.text, processor.tokenizer), seq_len, config.text_windows)
+            for batch in tqdm(chunks.split(8), desc="calibration text", unit="batch", disable=not show_progress):
+                text.append(_Sample(*run(input_ids=batch), None))
+        if config.images is not None:
+            image_size = processor.image_processor.crop_size["height"]
+            with _attention_for(model, config):
+                samples = image_samples(config.images, config.image_samples, image_size)
+                for sample in tqdm(samples, desc="calibration images", unit="sample", disable=not show_progress):
+                    # One conversation per forward pass: no padding tokens in the statistics.
+                    batch = answer_batch(processor, [sample])
+                    hidden, kwargs = run(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+                    images.append(_Sample(hidden, kwargs, batch["input_ids"][0] == model.config.image_token_id))
+    finally:
+        handle.remove()
+    return text, images
+
+
+@contextmanager
+def _attention_for(model, config: CalibrationConfig):
+    """AMIA reads attention weights, which only the eager implementation returns; its masks are built
+    for it, so image samples are captured and run with it."""
+    previous = model.config._attn_implementation
+    if config.amia:
         model.set_attn_implementation("eager")
     try:
-        samples = image_samples(config.images, config.image_samples, image_size)
-        for sample in tqdm(samples, desc="calibration images", unit="sample", disable=not show_progress):
-            # One conversation per forward pass: no padding tokens in the statistics.
-            batch = answer_batch(processor, [sample])
-            out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                        output_attentions=config.amia)
-            if need_tokens:
-                is_visual = batch["input_ids"][0] == image_token  # [tokens]
-                _token_statistics(collector, is_visual, out.attentions if config.amia else None, config)
+        yield
     finally:
         if config.amia:
-            model.set_attn_implementation(previous_attn)
+            model.set_attn_implementation(previous)
 
 
-def _token_statistics(collector: _Collector, is_visual: torch.Tensor, attentions, config: CalibrationConfig):
+def _image_layer(model, layer, images: list[_Sample], collector: _Collector, config: CalibrationConfig):
+    need_tokens = config.diversity or config.amia
+    collector.keep_sample_io = need_tokens
+    weights: list[torch.Tensor] = []
+    handle = layer.self_attn.register_forward_hook(lambda m, args, out: weights.append(out[1])) \
+        if config.amia else None
+    try:
+        with _attention_for(model, config):
+            for sample in images:
+                sample.hidden = layer(sample.hidden, **sample.kwargs)
+                if need_tokens:
+                    _token_statistics(collector, sample.is_visual, weights.pop() if config.amia else None, config)
+    finally:
+        collector.keep_sample_io = False
+        if handle is not None:
+            handle.remove()
+
+
+def _token_statistics(collector: _Collector, is_visual: torch.Tensor, attention: torch.Tensor | None,
+                      config: CalibrationConfig):
+    """attention [1, heads, tokens, tokens]: this layer's weights for this sample (AMIA)."""
     for key, (x, y) in collector.sample_io.items():
         s = collector.stats[key]
         c_v, c_l, c_vl = tamp.cosine_stats(y, is_visual)
@@ -156,8 +236,7 @@ def _token_statistics(collector: _Collector, is_visual: torch.Tensor, attentions
             s["diversity_samples"] = s.get("diversity_samples", 0) + 1
             s["diversity"] = s["diversity_sum"] / s["diversity_samples"]
         if config.amia:  # per linear: the selection follows this linear's own outputs
-            layer = int(key.split(".layers.")[1].split(".")[0])
-            last_row = attentions[layer][0, :, -1, :].float().mean(0)  # [tokens], head-averaged
+            last_row = attention[0, :, -1, :].float().mean(0)  # [tokens], head-averaged
             rho = min(max((c_v + c_l + c_vl) / 3, 0.0), 1.0)
             chosen = tamp.amia_select(y, last_row, rho)  # [tokens] bool
             n = s.get("amia_tokens", 0)

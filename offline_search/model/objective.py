@@ -59,12 +59,13 @@ class Objective:
             seq_len = config.seq_len or model_geometry(model).max_position_embeddings
             stream = text_tokens(config.text, processor.tokenizer)
             chunks = windows(stream, seq_len)[-config.windows:]  # [windows, seq_len], the stream's end
-            self.text_batches = list(chunks.split(config.batch_size))
+            self.text_batches = [batch.to(model.device) for batch in chunks.split(config.batch_size)]
         if config.kind in ("shapesvqa", "mix"):
             size = processor.image_processor.crop_size["height"]
             questions = shapes_vqa.samples("validation", config.vqa_samples, size)
-            self.vqa_batches = [answer_batch(processor, questions[i:i + config.batch_size])
-                                for i in range(0, len(questions), config.batch_size)]
+            batches = [answer_batch(processor, questions[i:i + config.batch_size])
+                       for i in range(0, len(questions), config.batch_size)]
+            self.vqa_batches = [{k: v.to(model.device) for k, v in batch.items()} for batch in batches]
         # kl: the uncompressed model's log-probabilities, taken now, before any mask or KV plan, in
         # fp32 so that the uncompressed model scores exactly 0. Host memory: windows x seq_len x
         # vocab x 4 bytes (shapes-llava, 64 x 256 x 2048: 134 MB); --objective-windows bounds it.

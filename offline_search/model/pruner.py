@@ -1,65 +1,98 @@
 """Applies per-linear sparsities to a model in memory, many times, without reloading it.
 
-The dense weights are kept aside and each metric's ranking is computed once; a search trial then
-costs one scatter per matrix (SparseGPT excepted: its weight update depends on the sparsity, so it
-re-runs per trial on the cached Hessians).
+No second copy of the model: each linear's dense weight is read back from the memory-mapped checkpoint
+(`CheckpointWeights`) when it is masked, one linear at a time. A search (`ranked=True`) keeps each
+weight's 1-byte rank code (`masks.rank_codes`), so that a trial's mask costs a comparison and the scores
+of one rank bucket; a single prune selects each mask from its scores once. SparseGPT's weight update
+depends on the sparsity, so it re-runs per trial on the cached Hessians, on the model's device.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
 
-from offline_search.core.masks import mask_from_order, nm_keep_mask, prune_order
-from offline_search.core.metrics import PER_ROW, activation_scores
+import torch
+from tqdm import tqdm
+
+from offline_search.core.masks import keep_mask, mask_from_codes, nm_keep_mask, rank_codes
+from offline_search.core.metrics import PER_ROW, activation_scores, lognorm_norms, scores_at
 from offline_search.core.sparsegpt import sparsegpt_prune
+from offline_search.data.checkpoint import CheckpointWeights
 from offline_search.model.llava import model_linears
+from vllm_adaspkv.errors import ConfigError
 
 
 class Pruner:
     """Masks the language-model linears of `model` in place; `apply` restarts from dense each time."""
 
-    def __init__(self, model, stats: dict[str, dict], metric: str, nm: tuple[int, int] | None = None,
-                 amia: bool = False):
+    def __init__(self, model, weights: CheckpointWeights, stats: dict[str, dict], metric: str,
+                 nm: tuple[int, int] | None = None, amia: bool = False, ranked: bool = False,
+                 hessians: Callable[[str], torch.Tensor] | None = None):
         self.linears = model_linears(model)  # mask key -> nn.Linear
-        self.metric, self.nm, self.stats = metric, nm, stats
-        self.dense = {key: m.weight.detach().clone() for key, m in self.linears.items()}
-        in_sq_name = "amia_in_sq" if amia else "in_sq"
-        self._fixed_masks: dict[str, torch.Tensor] = {}
-        self._orders: dict[str, torch.Tensor] = {}
+        self.weights, self.metric, self.nm, self.stats = weights, metric, nm, stats
+        self.in_sq_name = "amia_in_sq" if amia else "in_sq"
+        missing = [key for key in self.linears if key not in weights]
+        if missing:
+            raise ConfigError(f"{weights.model_dir}: the checkpoint has no weight {missing[0]} (the model has it)")
+        self._fixed_masks: dict[str, torch.Tensor] = {}  # N:M: one mask whatever the sparsity
+        self._codes: dict[str, torch.Tensor] = {}  # ranked: uint8 [groups, n] per linear
+        self._norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # ranked lognorm: [d_out], [d_in]
+        # SparseGPT's Hessians: from the calibration cache's files, or in the statistics (small models)
+        self.hessian = hessians or (lambda key: stats[key]["hessian"])
         if metric == "sparsegpt":
-            missing = [k for k in self.linears if "hessian" not in stats.get(k, {})]
-            if missing:
-                raise ValueError(f"SparseGPT needs Hessians; calibration has none for {missing[0]}")
+            if hessians is None and any("hessian" not in stats.get(k, {}) for k in self.linears):
+                raise ValueError("SparseGPT needs Hessians; the calibration statistics have none")
             return
-        for key, weight in self.dense.items():
-            scores = activation_scores(metric, weight, stats.get(key, {}).get(in_sq_name))
-            if nm:
-                self._fixed_masks[key] = nm_keep_mask(scores, *nm)
-            else:  # int32 halves the memory of the rankings; scatter needs int64 only per call
-                self._orders[key] = prune_order(scores, PER_ROW[metric]).to(torch.int32)
+        if nm or ranked:
+            for key in self.linears:
+                scores = self.scores(key)
+                if nm:
+                    self._fixed_masks[key] = nm_keep_mask(scores, *nm)
+                else:
+                    self._codes[key] = rank_codes(scores, PER_ROW[metric])
+                    if metric == "lognorm":
+                        self._norms[key] = lognorm_norms(self.dense(key).abs().float())
+
+    def dense(self, key: str) -> torch.Tensor:
+        """The linear's dense weight, read from the checkpoint (on the CPU, in the checkpoint's dtype)."""
+        return self.weights.get(key)
+
+    def scores(self, key: str, dense: torch.Tensor | None = None) -> torch.Tensor:
+        return activation_scores(self.metric, self.dense(key) if dense is None else dense, self._in_sq(key))
+
+    def _in_sq(self, key: str) -> torch.Tensor | None:
+        return self.stats.get(key, {}).get(self.in_sq_name)
 
     def sizes(self) -> dict[str, int]:
-        return {key: w.numel() for key, w in self.dense.items()}
+        return {key: m.weight.numel() for key, m in self.linears.items()}
 
     @torch.no_grad()
-    def apply(self, sparsity: dict[str, float]) -> dict[str, torch.Tensor]:
-        """Masks every linear at its sparsity (ignored under N:M); returns the keep masks."""
+    def apply(self, sparsity: dict[str, float], progress: bool = False) -> dict[str, torch.Tensor]:
+        """Masks every linear at its sparsity (ignored under N:M); returns the keep masks (CPU)."""
         masks = {}
-        for key, linear in self.linears.items():
-            dense = self.dense[key]
+        for key, linear in tqdm(self.linears.items(), desc="masking", unit="linear", disable=not progress):
+            dense = self.dense(key)  # [d_out, d_in]
             if self.metric == "sparsegpt":
-                weight, mask = sparsegpt_prune(dense, self.stats[key]["hessian"], sparsity[key], self.nm)
+                weight, mask = sparsegpt_prune(dense.to(linear.weight.device), self.hessian(key),
+                                               sparsity[key], self.nm)
                 linear.weight.copy_(weight)
+                mask = mask.cpu()
             else:
-                if self.nm:
-                    mask = self._fixed_masks[key]
-                else:
-                    mask = mask_from_order(self._orders[key].long(), dense.shape, sparsity[key])
+                mask = self._mask(key, dense, sparsity[key])
                 linear.weight.copy_(dense * mask)
             masks[key] = mask
         return masks
 
+    def _mask(self, key: str, dense: torch.Tensor, sparsity: float) -> torch.Tensor:
+        if self.nm:
+            return self._fixed_masks[key]
+        if key in self._codes:
+            in_sq = self._in_sq(key)
+            return mask_from_codes(self._codes[key], dense.shape, sparsity,
+                                   lambda flat: scores_at(self.metric, dense, in_sq, flat, self._norms.get(key)))
+        return keep_mask(self.scores(key, dense), sparsity, PER_ROW[self.metric])
+
     @torch.no_grad()
     def restore(self) -> None:
         for key, linear in self.linears.items():
-            linear.weight.copy_(self.dense[key])
+            linear.weight.copy_(self.dense(key))

@@ -9,8 +9,14 @@ from pathlib import Path
 from offline_search.core import allocation
 from offline_search.core.metrics import wanda_scores
 from offline_search.data.bundled_models import resolve_model
-from offline_search.data.calibration_cache import default_cache_dir, load_statistics, save_statistics, statistics_file
-from offline_search.data.checkpoint import load_llava
+from offline_search.data.calibration_cache import (
+    HessianStore,
+    default_cache_dir,
+    load_statistics,
+    save_statistics,
+    statistics_file,
+)
+from offline_search.data.checkpoint import CheckpointWeights, load_llava
 from offline_search.model.calibration import CalibrationConfig, calibrate
 from offline_search.model.kv_simulation import apply_kv_plan, remove_kv_plan
 from offline_search.model.llava import model_geometry
@@ -27,7 +33,7 @@ def compress(config: CompressConfig) -> Path | None:
     """Runs the whole job and returns the artifact directory (None for an extra worker, which only
     runs trials of the shared study)."""
     model_dir = resolve_model(config.model)
-    model, processor = load_llava(model_dir)
+    model, processor = load_llava(model_dir, device=config.resolved_device())
     num_layers = model_geometry(model).num_layers
     config = config.with_model_layers(num_layers)
     cache_dir = config.cache_dir or default_cache_dir()
@@ -35,7 +41,9 @@ def compress(config: CompressConfig) -> Path | None:
     stats, cache_file, hit = cached_calibration(model, processor, base_sha256, config.calibration, cache_dir,
                                                 config.show_progress)
     print(f"calibration statistics {'reused from' if hit else 'written to'} {cache_file}")
-    pruner = Pruner(model, stats, config.metric, config.nm, config.amia)
+    # a search masks at many sparsities: rank once (1 byte a weight); a single prune selects once
+    pruner = Pruner(model, CheckpointWeights(model_dir), stats, config.metric, config.nm, config.amia,
+                    ranked=config.allocation == "tpe", hessians=HessianStore(cache_file).get)
     objective = Objective(model, processor, config.objective)
     start = time.perf_counter()
     dense_value = objective()
@@ -76,7 +84,7 @@ def compress(config: CompressConfig) -> Path | None:
                        "trial": best.number, "objective_values": best.values,
                        "trials_completed": completed_trials(study),
                        "timing": study.user_attrs.get("timing")}
-    masks = pruner.apply(plan)
+    masks = pruner.apply(plan, progress=config.show_progress)
     if any(b != 16 for b in kv_bits):
         apply_kv_plan(model, kv_bits, config.kv_group, config.rotate_keys)
     value = objective()
@@ -103,8 +111,8 @@ def cached_calibration(model, processor, base_sha256: str, config: CalibrationCo
     stats = load_statistics(path)
     if stats is not None:
         return stats, path, True
-    stats = calibrate(model, processor, config, show_progress)
-    save_statistics(path, stats)
+    stats = calibrate(model, processor, config, show_progress, save_hessians=HessianStore(path).save_layer)
+    save_statistics(path, stats)  # last: a cache hit has every layer's Hessians
     logger.info("calibration statistics cached in %s", path)
     return stats, path, False
 
@@ -120,14 +128,15 @@ def _layer_values(config: CompressConfig, block_values: list[float], num_layers:
 
 def _owl_layers(stats: dict, pruner: Pruner, sparsity: float, num_layers: int) -> list[float]:
     # OWL measures outliers in Wanda scores, whatever metric then ranks the weights.
-    shares = [allocation.outlier_share([wanda_scores(pruner.dense[mask_key(i, n)], stats[mask_key(i, n)]["in_sq"])
+    shares = [allocation.outlier_share([wanda_scores(pruner.dense(mask_key(i, n)), stats[mask_key(i, n)]["in_sq"])
                                         for n in LINEARS]) for i in range(num_layers)]
     return allocation.owl_plan(shares, sparsity)
 
 
 def _das_linears(stats: dict, pruner: Pruner, sparsity: float) -> dict[str, float]:
-    keys = list(pruner.dense)
-    sizes = [pruner.dense[k].numel() for k in keys]
+    sizes = pruner.sizes()
+    keys = list(sizes)
+    sizes = [sizes[k] for k in keys]
     return dict(zip(keys, allocation.das_plan(sizes, [stats[k]["diversity"] for k in keys], sparsity)))
 
 
@@ -145,7 +154,8 @@ def _warm_start(config: CompressConfig, stats: dict, pruner: Pruner, num_layers:
         layers = _owl_layers(stats, pruner, config.sparsity, num_layers)
     else:
         das = _das_linears(stats, pruner, config.sparsity)
-        layers = [sum(das[mask_key(i, n)] * pruner.dense[mask_key(i, n)].numel() for n in LINEARS)
-                  / sum(pruner.dense[mask_key(i, n)].numel() for n in LINEARS) for i in range(num_layers)]
+        sizes = pruner.sizes()
+        layers = [sum(das[mask_key(i, n)] * sizes[mask_key(i, n)] for n in LINEARS)
+                  / sum(sizes[mask_key(i, n)] for n in LINEARS) for i in range(num_layers)]
     grid = allocation.block_grid(config.sparsity, config.radius, config.step)
     return allocation.block_means(layers, allocation.layer_blocks(num_layers, config.blocks), grid)

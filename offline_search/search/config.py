@@ -12,6 +12,7 @@ from offline_search.core.kv_plans import check_choices
 from offline_search.core.metrics import Metric
 from offline_search.model.calibration import CalibrationConfig
 from offline_search.model.objective import ObjectiveConfig
+from vllm_adaspkv.errors import ConfigError
 from vllm_adaspkv.format import StrictModel
 from vllm_adaspkv.format.schema import KeyRotation
 from vllm_adaspkv.format.strict import AsTuple, LaxPath, PathText, int_choice
@@ -23,6 +24,8 @@ KVSearch = Literal["none", "split", "budget", "pareto"]
 KV_SEARCHES: tuple[str, ...] = get_args(KVSearch)
 WarmStart = Literal["owl", "das"]
 WARM_STARTS: tuple[str, ...] = get_args(WarmStart)
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[str, ...] = get_args(Device)
 DEFAULT_BLOCKS = 8
 
 
@@ -53,6 +56,7 @@ class CompressConfig(StrictModel):
     full_checkpoint: bool = False
     cache_dir: LaxPath | None = None  # default: $ADASPKV_CACHE_DIR or ~/.cache/adaspkv
     show_progress: bool = True
+    device: Device = "auto"  # auto: cuda when available
     worker: bool = False  # join the study as an extra worker: run trials, write no artifact
     heartbeat_s: Annotated[float, Field(gt=0.0)] = 30.0  # a worker silent for 3 x this is dead: its trial reruns
 
@@ -89,6 +93,13 @@ class CompressConfig(StrictModel):
             if needed and not getattr(self.calibration, name):
                 raise ValueError(f"calibration must collect {name} for these settings")
         return self
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
 
     @property
     def searches(self) -> bool:

@@ -17,7 +17,7 @@ from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm_adaspkv.engine.attention_backend import backend_for
 from vllm_adaspkv.engine.serving_plan import ServedArtifact, describe_artifact, kv_formats, startup_table
 from vllm_adaspkv.engine.settings import ADDITIONAL_CONFIG_KEY, served_artifact_path, served_model_dir
-from vllm_adaspkv.format import PLAN_FILE, ArtifactError, ZeroCount, canonical_key, mask_weight, read_masks
+from vllm_adaspkv.format import PLAN_FILE, ArtifactError, PackedMasks, ZeroCount, canonical_key, mask_weight
 
 logger = logging.getLogger("vllm.adaspkv")
 
@@ -71,18 +71,19 @@ class AdaspkvLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Masks the Hugging Face weight stream before vLLM fuses q/k/v and gate/up and slices for
-        tensor parallelism, and checks every linear's zeros against the plan."""
+        tensor parallelism, and checks every linear's zeros against the plan. Each mask is unpacked
+        as its weight streams in and dropped after it: one weight's mask in memory, never all."""
         served = self.served
         plan = served.plan
-        masks = read_masks(served.artifact_dir, plan) if served.has_masks else {}
-        unused = set(masks)
+        masks = PackedMasks(served.artifact_dir, plan) if served.has_masks else {}
+        unused = set(masks.keys())
         zeros = ZeroCount(plan)
 
         def masked(stream):
             for name, weight in stream:
                 key = canonical_key(name)
                 if key in masks:
-                    weight = mask_weight(weight, masks[key])
+                    weight = mask_weight(weight, masks.get(key))
                     unused.discard(key)
                 zeros.observe(key, weight)
                 yield name, weight

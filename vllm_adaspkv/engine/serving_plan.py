@@ -13,9 +13,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_adaspkv.format import (MASK_FILE, PLAN_FILE, ArtifactError, ModelGeometry, Plan, base_model_dir,
-                                 check_base_model, check_checkpoint, check_mask_shapes, check_num_layers,
-                                 checkpoint_shapes, read_geometry, read_masks, read_plan)
+from vllm_adaspkv.format import (
+    MASK_FILE,
+    PLAN_FILE,
+    ArtifactError,
+    ModelGeometry,
+    PackedMasks,
+    Plan,
+    base_model_dir,
+    check_base_model,
+    check_checkpoint,
+    check_mask_shapes,
+    check_num_layers,
+    checkpoint_shapes,
+    read_geometry,
+    read_plan,
+)
 from vllm_adaspkv.kv.paged import KVFormat
 from vllm_adaspkv.kv.quant import bytes_per_token
 
@@ -48,7 +61,8 @@ def open_artifact(art_dir: str | Path, base_model: str | Path | None = None) -> 
     else:
         check_base_model(served.plan, served.model_dir, source)
     if served.has_masks:
-        check_mask_shapes(read_masks(served.artifact_dir, served.plan), checkpoint_shapes(served.model_dir),
+        # from the masks file's header: no mask is unpacked here (each worker unpacks one at a time)
+        check_mask_shapes(PackedMasks(served.artifact_dir, served.plan).shapes, checkpoint_shapes(served.model_dir),
                           str(served.artifact_dir / MASK_FILE))
     return served
 

@@ -3,10 +3,8 @@
 An artifact directory holds `adaspkv.json` (the plan, `vllm_adaspkv.format.schema.Plan`: base model and
 content hash, per decoder layer the sparsity of each pruned linear and the KV bit width, metric,
 structure, KV quantization scheme, provenance, evaluation); `masks.safetensors` when weights are pruned:
-one keep mask per pruned weight, keyed by its llava-hf parameter name (`mask_key`), 1 bit per weight as
-numpy.packbits in *big* bit order over the row-major flattened mask (the first weight is the highest bit
-of byte 0), the shapes as JSON {key: shape} under the file's metadata "shapes"; optionally a full pruned
-checkpoint, written by someone else and announced by `full_checkpoint`.
+one bit-packed keep mask per pruned weight (its layout and reading: `packed_masks`); optionally a full
+pruned checkpoint, announced by `full_checkpoint`.
 
 This module owns reading, writing and checking those files, so that a search and a server that never see
 each other agree on them. It imports only torch, safetensors, numpy and pydantic (no vLLM, no Optuna), so
@@ -18,27 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vllm_adaspkv.errors import ConfigError
-from vllm_adaspkv.format.schema import LINEARS, ArtifactError, Plan, mask_key, parse_mask_key, sparsity_differs
+from vllm_adaspkv.format.packed_masks import MASK_FILE, PLAN_FILE, check_masks, pack_mask
+from vllm_adaspkv.format.schema import ArtifactError, Plan, parse_mask_key, sparsity_differs
 
-PLAN_FILE = "adaspkv.json"
-MASK_FILE = "masks.safetensors"
 # llava-hf checkpoints written by transformers >= 4.52 nest the language model the other way round
 _NEW_LAYOUT = re.compile(r"^model\.language_model\.")
-
-
-def _allowed(values) -> str:
-    return ", ".join(map(str, values))
 
 
 def is_artifact(model: str | Path) -> bool:
@@ -80,29 +71,6 @@ def model_sha256(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """bool [...] -> uint8 [ceil(n / 8)], 1 bit per weight, big bit order, row-major."""
-    if mask.dtype != torch.bool:
-        raise TypeError(f"pack_mask: the mask must be bool, not {mask.dtype}")
-    return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy()))
-
-
-def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of pack_mask: uint8 [ceil(n / 8)] -> bool of `shape`."""
-    count = math.prod(shape)
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != -(-count // 8):
-        raise ValueError(f"unpack_mask: {packed.numel()} {packed.dtype} values cannot hold a mask of shape "
-                         f"{tuple(shape)} ({-(-count // 8)} uint8 needed)")
-    bits = np.unpackbits(packed.cpu().numpy(), count=count)
-    return torch.from_numpy(bits.astype(bool)).reshape(shape)
-
-
-def mask_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """weight with the pruned positions zeroed, on weight's device (a loader may yield GPU tensors while
-    masks are read on the CPU)."""
-    return torch.where(mask.to(weight.device), weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
-
-
 def _replace_atomically(target: Path, write) -> None:
     """write(tmp) then rename over `target`: a crash leaves the old file or the new one, never half of one.
     fsync before the rename, or a power loss could leave the new name pointing at unwritten blocks."""
@@ -132,7 +100,7 @@ def write_artifact(out_dir: str | Path, plan: Plan, masks: dict[str, torch.Tenso
     by an earlier write to the same folder is removed, or it would be read against the new plan."""
     out = retract_artifact(out_dir)
     if masks is not None:
-        _check_masks(masks, plan, str(out / MASK_FILE))
+        check_masks(masks, plan, str(out / MASK_FILE))
         shapes = json.dumps({key: list(mask.shape) for key, mask in masks.items()})
         _replace_atomically(out / MASK_FILE, lambda tmp: save_file(
             {key: pack_mask(mask) for key, mask in masks.items()}, str(tmp), metadata={"shapes": shapes}))
@@ -158,80 +126,11 @@ def read_plan(art_dir: str | Path) -> Plan:
     return Plan.from_json(data, str(path))
 
 
-def read_masks(art_dir: str | Path, plan: Plan | None = None) -> dict[str, torch.Tensor]:
-    """The bool keep masks. With `plan`, every mask must be for a linear of one of its layers with the
-    plan's sparsity, and every linear the plan prunes must have a mask."""
-    path = Path(art_dir) / MASK_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{art_dir}: no {MASK_FILE}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            packed = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
-        raise ArtifactError(f"{path}: not a readable safetensors file ({exc})") from None
-    try:
-        shapes = json.loads(metadata["shapes"])
-    except (KeyError, json.JSONDecodeError):
-        raise ArtifactError(f"{path}: metadata 'shapes' missing or not JSON; the mask shapes are unknown") from None
-    masks = {}
-    for key, bits in packed.items():
-        if key not in shapes:
-            raise ArtifactError(f"{path}: {key}: no shape in the metadata 'shapes'")
-        try:
-            masks[key] = unpack_mask(bits, tuple(shapes[key]))
-        except (ValueError, TypeError) as exc:
-            raise ArtifactError(f"{path}: {key}: {exc}") from None
-    _check_masks(masks, plan, str(path))
-    return masks
-
-
-def _check_masks(masks: dict[str, torch.Tensor], plan: Plan | None, source: str) -> None:
-    for key, mask in masks.items():
-        parsed = parse_mask_key(key)
-        if parsed is None:
-            raise ArtifactError(f"{source}: {key!r} is not a language-model linear weight "
-                                f"(language_model.model.layers.N.LINEAR.weight, LINEAR one of {_allowed(LINEARS)})")
-        if mask.dtype != torch.bool:
-            raise ArtifactError(f"{source}: {key}: a mask must be bool, not {mask.dtype}")
-        if plan is None:
-            continue
-        layer, linear = parsed
-        if layer >= plan.num_layers():
-            raise ArtifactError(f"{source}: {key} is for layer {layer}; the plan has {plan.num_layers()} layers")
-        expected = plan.layers[layer].sparsity.get(linear, 0.0)
-        # counted, not averaged: exact, and no float copy of a mask with hundreds of millions of weights
-        measured = 1.0 - int(mask.sum()) / mask.numel() if mask.numel() else 0.0
-        if sparsity_differs(measured, expected):
-            raise ArtifactError(f"{source}: {key} has sparsity {measured:.4f}; {PLAN_FILE} says "
-                                f"layers[{layer}].sparsity.{linear} = {expected:.4f}")
-        if plan.n_of_m() is not None:
-            _check_n_of_m(mask, *plan.n_of_m(), f"{source}: {key}")
-    if plan is not None:
-        for i, layer in enumerate(plan.layers):
-            for linear, value in layer.sparsity.items():
-                if sparsity_differs(value, 0.0) and mask_key(i, linear) not in masks:
-                    raise ArtifactError(f"{source}: no mask for {mask_key(i, linear)}; {PLAN_FILE} says "
-                                        f"layers[{i}].sparsity.{linear} = {value:.4f}")
-
-
 def base_model_dir(plan: Plan, art_dir: str | Path) -> Path:
     """Where the artifact's base model is: base_model.path, relative to the artifact directory unless
     absolute (artifacts written before relative paths hold absolute ones)."""
     path = Path(plan.base_model.path)
     return path if path.is_absolute() else Path(art_dir) / path
-
-
-def _check_n_of_m(mask: torch.Tensor, n: int, m: int, where: str) -> None:
-    """structure N:M: in every row, each group of M consecutive inputs has at least N pruned weights."""
-    if mask.dim() != 2 or mask.shape[1] % m:
-        raise ArtifactError(f"{where}: a {n}:{m} mask needs rows divisible into groups of {m}, not shape "
-                            f"{tuple(mask.shape)}")
-    pruned = (~mask).reshape(mask.shape[0], -1, m).sum(-1)  # [rows, groups]
-    if bool((pruned < n).any()):
-        row, group = (pruned < n).nonzero()[0].tolist()
-        raise ArtifactError(f"{where}: row {row}, inputs {group * m}..{group * m + m - 1} keep {m - int(pruned[row, group])} "
-                            f"of {m}; structure {n}:{m} allows {m - n}")
 
 
 def relocate_base_model(art_dir: str | Path, model_dir: str | Path) -> Plan:
@@ -265,14 +164,6 @@ def check_num_layers(plan: Plan, num_layers: int, source: str) -> None:
     if plan.num_layers() != num_layers:
         raise ArtifactError(f"{source}: layers has {plan.num_layers()} entries; the model has {num_layers} "
                             "decoder layers")
-
-
-def check_mask_shapes(masks: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    """Every mask must cover a weight of the model, element for element."""
-    for key, mask in masks.items():
-        if key not in shapes or tuple(mask.shape) != tuple(shapes[key]):
-            weight = f"the weight {tuple(shapes[key])}" if key in shapes else "but the model has no such weight"
-            raise ArtifactError(f"{source}: mask {key} has shape {tuple(mask.shape)}, {weight}")
 
 
 class ZeroCount:

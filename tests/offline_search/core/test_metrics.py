@@ -3,8 +3,23 @@ import math
 import pytest
 import torch
 
-from offline_search.core.masks import keep_mask, mask_from_order, nm_keep_mask, parse_nm, prune_order
-from offline_search.core.metrics import activation_scores, lognorm_scores, magnitude_scores, wanda_scores
+from offline_search.core.masks import (
+    keep_mask,
+    mask_from_codes,
+    mask_from_order,
+    nm_keep_mask,
+    parse_nm,
+    prune_order,
+    rank_codes,
+)
+from offline_search.core.metrics import (
+    activation_scores,
+    lognorm_norms,
+    lognorm_scores,
+    magnitude_scores,
+    scores_at,
+    wanda_scores,
+)
 
 
 def test_wanda_one_by_four_by_hand():
@@ -62,7 +77,49 @@ def test_nm_errors():
 
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.75])
-def test_ranking_once_gives_the_same_masks_as_sorting_each_time(per_row, sparsity):
+def test_ranking_once_gives_the_same_masks_as_selecting_each_time(per_row, sparsity):
     scores = torch.randn(8, 24)
     order = prune_order(scores, per_row)
     assert torch.equal(mask_from_order(order, scores.shape, sparsity), keep_mask(scores, sparsity, per_row))
+
+
+def test_selection_breaks_ties_by_position_like_the_ranking():
+    scores = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0, 1.0]])  # two zeros, then four tied ones
+    # 3 go: both zeros, then the first of the tied ones
+    assert keep_mask(scores, 0.5).tolist() == [[False, False, True, True, False, True]]
+    scores = torch.randint(0, 3, (16, 40)).float()  # many ties
+    for per_row in (False, True):
+        for sparsity in (0.1, 0.45, 0.9):
+            assert torch.equal(keep_mask(scores, sparsity, per_row),
+                               mask_from_order(prune_order(scores, per_row), scores.shape, sparsity))
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("shape", [(1, 8), (7, 300), (33, 1030)])
+def test_one_byte_rank_codes_give_the_masks_of_the_scores(per_row, shape):
+    scores = torch.randn(shape)
+    scores[0, : shape[1] // 2] = 0.5  # ties across the bucket boundaries
+    codes = rank_codes(scores, per_row)
+    assert codes.dtype == torch.uint8 and codes.numel() == scores.numel()
+    asked = []
+
+    def at(flat):
+        asked.append(flat.numel())
+        return scores.reshape(-1)[flat]
+
+    for sparsity in (0.0, 0.013, 0.3, 0.5, 0.77, 0.999):
+        assert torch.equal(mask_from_codes(codes, scores.shape, sparsity, at), keep_mask(scores, sparsity, per_row))
+    if scores.numel() > 10_000:  # only the boundary bucket's scores are asked for: ~1/256 of the weights
+        assert max(asked) <= 2 * scores.numel() / 256 + codes.shape[0]
+
+
+@pytest.mark.parametrize("metric", ["magnitude", "wanda", "lognorm"])
+def test_scores_at_some_positions_equal_the_full_scores_there(metric):
+    weight = torch.randn(12, 20).to(torch.bfloat16)
+    weight[3] = 0  # an all-zero row: lognorm's clamped norm
+    in_sq = torch.rand(20) * 100
+    flat = torch.tensor([0, 5, 61, 70, 239, 120])
+    expected = activation_scores(metric, weight, in_sq).reshape(-1)[flat]
+    assert torch.equal(scores_at(metric, weight, in_sq, flat), expected)
+    norms = lognorm_norms(weight.abs().float()) if metric == "lognorm" else None
+    assert torch.equal(scores_at(metric, weight, in_sq, flat, norms), expected)

@@ -8,7 +8,7 @@ import torch
 
 import vllm_adaspkv.format as art
 from offline_search.cli.main import main
-from offline_search.data.checkpoint import load_llava
+from offline_search.data.checkpoint import CheckpointWeights, load_llava
 from offline_search.model.calibration import CalibrationConfig, calibrate
 from offline_search.model.pruner import Pruner
 
@@ -28,7 +28,7 @@ def test_pruner_touches_only_language_model_linears_and_restores(tiny_llava_dir)
     model, processor = load_llava(tiny_llava_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     stats = calibrate(model, processor, CalibrationConfig(text_windows=1, image_samples=1), show_progress=False)
-    pruner = Pruner(model, stats, "wanda")
+    pruner = Pruner(model, CheckpointWeights(tiny_llava_dir), stats, "wanda")
     masks = pruner.apply(dict.fromkeys(pruner.linears, 0.5))
     pruned = {f"model.language_model.layers.{k.split('layers.')[1]}" for k in masks}
     for key, value in model.state_dict().items():
@@ -38,6 +38,19 @@ def test_pruner_touches_only_language_model_linears_and_restores(tiny_llava_dir)
             assert torch.equal(value, before[key]), key
     pruner.restore()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("metric", ["magnitude", "lognorm"])
+def test_a_search_pruner_masks_from_one_byte_codes_as_a_single_prune_does(tiny_llava_dir, metric):
+    model, processor = load_llava(tiny_llava_dir)
+    stats = calibrate(model, processor, CalibrationConfig(text_windows=1, image_samples=1), show_progress=False)
+    weights = CheckpointWeights(tiny_llava_dir)
+    ranked = Pruner(model, weights, stats, metric, ranked=True)
+    assert all(codes.dtype == torch.uint8 for codes in ranked._codes.values())
+    plan = {key: 0.3 + 0.05 * (i % 7) for i, key in enumerate(ranked.linears)}
+    expected = Pruner(model, weights, stats, metric).apply(plan)
+    got = ranked.apply(plan)
+    assert all(torch.equal(got[key], expected[key]) for key in plan)
 
 
 def test_prune_writes_a_valid_artifact(tiny_llava_dir, tmp_path, capsys):
@@ -191,7 +204,7 @@ def test_warm_start_and_answer_objective(tiny_llava_dir, tmp_path):
     stats, _, hit = cached_calibration(model, processor, art.model_sha256(tiny_llava_dir),
                                        CalibrationConfig(text_windows=2, image_samples=2), tmp_path / "cache")
     assert hit
-    layers = _owl_layers(stats, Pruner(model, stats, "wanda"), 0.5, model.config.text_config.num_hidden_layers)
+    layers = _owl_layers(stats, Pruner(model, CheckpointWeights(tiny_llava_dir), stats, "wanda"), 0.5, model.config.text_config.num_hidden_layers)
     grid = allocation.block_grid(0.5)
     expected = allocation.block_means(layers, allocation.layer_blocks(len(layers), 2), grid)
     assert [0.5 + 0.025 * warm.params[f"block_{b}"] for b in range(2)] == pytest.approx(expected)

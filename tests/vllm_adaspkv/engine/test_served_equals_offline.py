@@ -7,6 +7,7 @@ import pytest
 from offline_search.data.bundled_models import resolve_model
 from offline_search.evaluation.harness import EvalConfig, evaluate
 from offline_search.evaluation.vllm_server import ServerConfig, VllmServer
+from tests.conftest import REPO
 from tests.vllm_adaspkv.artifacts import make_artifact
 
 pytestmark = pytest.mark.slow
@@ -32,3 +33,34 @@ def test_served_answers_and_logprobs_equal_offline(tmp_path, vllm_env):
     assert served["wikitext2_ppl"] == pytest.approx(offline["wikitext2_ppl"], rel=1e-4)
     assert offline["wikitext2_ppl"] != pytest.approx(evaluate(  # and the artifact is not the dense model
         EvalConfig(model="shapes-llava", tasks=("wikitext2",), limit=LIMIT), model_dir)["wikitext2_ppl"], rel=1e-3)
+
+
+def test_a_sharded_bf16_model_of_the_7b_family_serves_its_pruned_artifact(small_family_dir, tmp_path, vllm_env):
+    """What the 7B benchmark serves, at small size: `adaspkv prune` (bf16, layer-by-layer calibration),
+    then vLLM loads the sharded checkpoint with each mask applied as its tensor streams in."""
+    from openai import OpenAI
+
+    from offline_search.cli.main import main
+    from offline_search.evaluation.openai_chat import ask, image_data_url, image_message
+
+    artifact = tmp_path / "art"
+    assert main(["prune", "--model", str(small_family_dir), "--metric", "magnitude", "--sparsity", "0.5",
+                 "--kv-bits", "4", "--out", str(artifact), "--cache-dir", str(tmp_path / "cache"),
+                 "--calibration-windows", "2", "--calibration-samples", "2", "--seq-len", "64",
+                 "--objective-windows", "2", "--objective-samples", "2"]) == 0
+    evaluation = EvalConfig(model=str(small_family_dir), tasks=("wikitext2",), limit=4, seq_len=64)
+    offline = evaluate(evaluation.replace(artifact=str(artifact)), small_family_dir)
+    config = ServerConfig(model=str(artifact), log_file=tmp_path / "serve.log", startup_timeout_s=600, env=vllm_env,
+                          extra_args=("--plugin", "adaspkv", "--tokenizer", str(small_family_dir), "--dtype",
+                                      "bfloat16", "--kv-cache-memory-bytes", str(16 << 20), "--max-model-len", "1024"))
+    with VllmServer(config) as server:
+        served = evaluate(evaluation.replace(server=server.base_url), small_family_dir)
+        client = OpenAI(base_url=f"{server.base_url}/v1", api_key="none")
+        photo = REPO / "demo" / "assets" / "images" / "waterview.jpg"
+        answer = ask(client, str(artifact), [image_message("What is this?", image_data_url(photo))], 4)
+    log = config.log_file.read_text()
+    assert "quantized KV cache on CPU: C++ kernels" in log
+    assert served["wikitext2_ppl"] == pytest.approx(offline["wikitext2_ppl"], rel=2e-2)  # bf16 on both sides
+    dense = evaluate(evaluation, small_family_dir)["wikitext2_ppl"]
+    assert offline["wikitext2_ppl"] != pytest.approx(dense, rel=1e-3)
+    assert isinstance(answer, str)  # random weights: any text; the request went through the image path

@@ -283,13 +283,13 @@ def test_malformed_mask_files(tmp_path):
 
 def test_checks_against_the_model():
     masks = half_masks()
-    check_mask_shapes(masks, {k: (4, 6) for k in masks}, "art")
+    check_mask_shapes({k: tuple(m.shape) for k, m in masks.items()}, {k: (4, 6) for k in masks}, "art")
     with pytest.raises(ArtifactError, match=r"art: mask language_model.model.layers.0.self_attn.q_proj.weight has "
                                             r"shape \(4, 6\), the weight \(6, 4\)"):
-        check_mask_shapes(masks, {k: (6, 4) for k in masks}, "art")
+        check_mask_shapes({k: tuple(m.shape) for k, m in masks.items()}, {k: (6, 4) for k in masks}, "art")
     with pytest.raises(ArtifactError, match=r"art: mask language_model.model.layers.0.self_attn.q_proj.weight has "
                                             r"shape \(4, 6\), but the model has no such weight"):
-        check_mask_shapes(masks, {}, "art")
+        check_mask_shapes({k: tuple(m.shape) for k, m in masks.items()}, {}, "art")
     check_num_layers(plan(), 2, "art")
     with pytest.raises(ArtifactError, match=r"art: layers has 2 entries; the model has 4 decoder layers"):
         check_num_layers(plan(), 4, "art")

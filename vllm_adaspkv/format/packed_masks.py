@@ -1,0 +1,159 @@
+"""masks.safetensors: one bit-packed keep mask per pruned weight, read one mask at a time.
+
+Each mask is numpy.packbits in *big* bit order over the row-major flattened bool mask (the first weight
+is the highest bit of byte 0), keyed by the weight's llava-hf name (`mask_key`); the shapes are JSON
+{key: shape} under the file's metadata "shapes". `PackedMasks` opens the file and checks its keys and
+shapes from the header alone; a mask is unpacked (one byte a weight) only when asked for, so a server
+streaming a 7B checkpoint holds one weight's mask at a time, never all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from vllm_adaspkv.format.schema import LINEARS, ArtifactError, Plan, mask_key, parse_mask_key, sparsity_differs
+
+MASK_FILE = "masks.safetensors"
+PLAN_FILE = "adaspkv.json"
+
+
+def _allowed(values) -> str:
+    return ", ".join(map(str, values))
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool [...] -> uint8 [ceil(n / 8)], 1 bit per weight, big bit order, row-major."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"pack_mask: the mask must be bool, not {mask.dtype}")
+    return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy()))
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of pack_mask: uint8 [ceil(n / 8)] -> bool of `shape`."""
+    count = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != -(-count // 8):
+        raise ValueError(f"unpack_mask: {packed.numel()} {packed.dtype} values cannot hold a mask of shape "
+                         f"{tuple(shape)} ({-(-count // 8)} uint8 needed)")
+    bits = np.unpackbits(packed.cpu().numpy(), count=count)
+    return torch.from_numpy(bits.view(bool)).reshape(shape)
+
+
+def mask_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """weight with the pruned positions zeroed, on weight's device (a loader may yield GPU tensors while
+    masks are read on the CPU)."""
+    return torch.where(mask.to(weight.device), weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
+class PackedMasks:
+    """The masks of an artifact, opened lazily. With `plan`, every mask must be for a linear of one of
+    its layers, every linear the plan prunes must have a mask (both checked on opening), and each mask's
+    sparsity (and N:M structure) must match the plan (checked when it is unpacked)."""
+
+    def __init__(self, art_dir: str | Path, plan: Plan | None = None):
+        self.path = Path(art_dir) / MASK_FILE
+        self.plan = plan
+        if not self.path.is_file():
+            raise ArtifactError(f"{art_dir}: no {MASK_FILE}")
+        try:
+            self._file = safe_open(str(self.path), framework="pt")
+            metadata = self._file.metadata() or {}
+            keys = list(self._file.keys())
+        except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
+            raise ArtifactError(f"{self.path}: not a readable safetensors file ({exc})") from None
+        try:
+            shapes = json.loads(metadata["shapes"])
+        except (KeyError, json.JSONDecodeError):
+            raise ArtifactError(f"{self.path}: metadata 'shapes' missing or not JSON; the mask shapes are "
+                                "unknown") from None
+        for key in keys:
+            if key not in shapes:
+                raise ArtifactError(f"{self.path}: {key}: no shape in the metadata 'shapes'")
+        self.shapes = {key: tuple(shapes[key]) for key in keys}
+        _check_keys(self.shapes, plan, str(self.path))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.shapes
+
+    def keys(self):
+        return self.shapes.keys()
+
+    def get(self, key: str) -> torch.Tensor:
+        """The bool keep mask of `key`, unpacked and checked against the plan."""
+        try:
+            mask = unpack_mask(self._file.get_tensor(key), self.shapes[key])
+        except (ValueError, TypeError) as exc:
+            raise ArtifactError(f"{self.path}: {key}: {exc}") from None
+        _check_mask(key, mask, self.plan, str(self.path))
+        return mask
+
+
+def read_masks(art_dir: str | Path, plan: Plan | None = None) -> dict[str, torch.Tensor]:
+    """Every bool keep mask, unpacked (offline use: the server reads them one at a time)."""
+    masks = PackedMasks(art_dir, plan)
+    return {key: masks.get(key) for key in masks.keys()}
+
+
+def check_masks(masks: dict[str, torch.Tensor], plan: Plan | None, source: str) -> None:
+    """What PackedMasks checks, for masks in memory (before they are written)."""
+    _check_keys({key: tuple(mask.shape) for key, mask in masks.items()}, plan, source)
+    for key, mask in masks.items():
+        _check_mask(key, mask, plan, source)
+
+
+def _check_keys(shapes: dict[str, tuple[int, ...]], plan: Plan | None, source: str) -> None:
+    for key in shapes:
+        parsed = parse_mask_key(key)
+        if parsed is None:
+            raise ArtifactError(f"{source}: {key!r} is not a language-model linear weight "
+                                f"(language_model.model.layers.N.LINEAR.weight, LINEAR one of {_allowed(LINEARS)})")
+        if plan is not None and parsed[0] >= plan.num_layers():
+            raise ArtifactError(f"{source}: {key} is for layer {parsed[0]}; the plan has {plan.num_layers()} layers")
+    if plan is not None:
+        for i, layer in enumerate(plan.layers):
+            for linear, value in layer.sparsity.items():
+                if sparsity_differs(value, 0.0) and mask_key(i, linear) not in shapes:
+                    raise ArtifactError(f"{source}: no mask for {mask_key(i, linear)}; {PLAN_FILE} says "
+                                        f"layers[{i}].sparsity.{linear} = {value:.4f}")
+
+
+def _check_mask(key: str, mask: torch.Tensor, plan: Plan | None, source: str) -> None:
+    if mask.dtype != torch.bool:
+        raise ArtifactError(f"{source}: {key}: a mask must be bool, not {mask.dtype}")
+    if plan is None:
+        return
+    layer, linear = parse_mask_key(key)
+    expected = plan.layers[layer].sparsity.get(linear, 0.0)
+    # counted, not averaged: exact, and no float copy of a mask with hundreds of millions of weights
+    measured = 1.0 - int(mask.sum()) / mask.numel() if mask.numel() else 0.0
+    if sparsity_differs(measured, expected):
+        raise ArtifactError(f"{source}: {key} has sparsity {measured:.4f}; {PLAN_FILE} says "
+                            f"layers[{layer}].sparsity.{linear} = {expected:.4f}")
+    if plan.n_of_m() is not None:
+        _check_n_of_m(mask, *plan.n_of_m(), f"{source}: {key}")
+
+
+def _check_n_of_m(mask: torch.Tensor, n: int, m: int, where: str) -> None:
+    """structure N:M: in every row, each group of M consecutive inputs has at least N pruned weights."""
+    if mask.dim() != 2 or mask.shape[1] % m:
+        raise ArtifactError(f"{where}: a {n}:{m} mask needs rows divisible into groups of {m}, not shape "
+                            f"{tuple(mask.shape)}")
+    pruned = (~mask).reshape(mask.shape[0], -1, m).sum(-1)  # [rows, groups]
+    if bool((pruned < n).any()):
+        row, group = (pruned < n).nonzero()[0].tolist()
+        kept = m - int(pruned[row, group])
+        raise ArtifactError(f"{where}: row {row}, inputs {group * m}..{group * m + m - 1} keep {kept} "
+                            f"of {m}; structure {n}:{m} allows {m - n}")
+
+
+def check_mask_shapes(mask_shapes: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Every mask (its shape, from PackedMasks.shapes) must cover a weight of the model, element for element."""
+    for key, mask_shape in mask_shapes.items():
+        if key not in shapes or tuple(mask_shape) != tuple(shapes[key]):
+            weight = f"the weight {tuple(shapes[key])}" if key in shapes else "but the model has no such weight"
+            raise ArtifactError(f"{source}: mask {key} has shape {tuple(mask_shape)}, {weight}")
