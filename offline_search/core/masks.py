@@ -36,16 +36,16 @@ def mask_from_order(order: torch.Tensor, shape: torch.Size, sparsity: float) -> 
     the matrix sparsity is exact even where sparsity * row length is not an integer."""
     _check_sparsity(sparsity)
     groups, n = order.shape
-    dropped = torch.arange(n)[None, :] < _drop_counts(groups, n, sparsity)[:, None]  # [groups, n], in rank order
-    mask = torch.empty((groups, n), dtype=torch.bool)
+    dropped = torch.arange(n, device=order.device)[None, :] < _drop_counts(groups, n, sparsity, order.device)[:, None]
+    mask = torch.empty((groups, n), dtype=torch.bool, device=order.device)  # dropped: [groups, n], in rank order
     mask.scatter_(1, order, ~dropped)
     return mask.reshape(shape)
 
 
-def _drop_counts(groups: int, n: int, sparsity: float) -> torch.Tensor:
+def _drop_counts(groups: int, n: int, sparsity: float, device=None) -> torch.Tensor:
     """Weights dropped per group: round(sparsity * groups * n) in all, the first groups one more. [groups]"""
     total = round(sparsity * groups * n)
-    per_group = torch.full((groups,), total // groups)
+    per_group = torch.full((groups,), total // groups, device=device)
     per_group[: total % groups] += 1
     return per_group
 
@@ -59,8 +59,8 @@ def keep_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> t
         raise ValueError(f"scores must be a 2-D [d_out, d_in] matrix, got shape {tuple(scores.shape)}")
     groups = scores if per_row else scores.reshape(1, -1)  # [groups, n]
     g, n = groups.shape
-    drop = _drop_counts(g, n, sparsity)  # [g]: two values at most, q + 1 (first rows) and q
-    threshold = torch.full((g,), float("-inf"), dtype=groups.dtype)
+    drop = _drop_counts(g, n, sparsity, scores.device)  # [g]: two values at most, q + 1 (first rows) and q
+    threshold = torch.full((g,), float("-inf"), dtype=groups.dtype, device=scores.device)
     for count in drop.unique().tolist():
         if count:
             rows = drop == count
@@ -80,8 +80,8 @@ def rank_codes(scores: torch.Tensor, per_row: bool = False) -> torch.Tensor:
     n goes to bucket r * 256 // n. [d_out, d_in] -> uint8 [groups, n]."""
     order = prune_order(scores, per_row)  # [groups, n], transient int64
     n = order.shape[1]
-    bucket = (torch.arange(n) * RANK_LEVELS // n).to(torch.uint8)  # [n]: bucket of each rank
-    codes = torch.empty(order.shape, dtype=torch.uint8)
+    bucket = (torch.arange(n, device=order.device) * RANK_LEVELS // n).to(torch.uint8)  # [n]: bucket of each rank
+    codes = torch.empty(order.shape, dtype=torch.uint8, device=order.device)
     codes.scatter_(1, order, bucket.expand_as(order))
     return codes
 
@@ -94,7 +94,7 @@ def mask_from_codes(codes: torch.Tensor, shape: torch.Size, sparsity: float,
     codes uint8 [groups, n] -> bool `shape`."""
     _check_sparsity(sparsity)
     groups, n = codes.shape
-    drop = _drop_counts(groups, n, sparsity)  # [groups]
+    drop = _drop_counts(groups, n, sparsity, codes.device)  # [groups]
     boundary = drop * RANK_LEVELS // n  # [groups]: the bucket of rank `drop`, the first kept one
     first_rank = -(-boundary * n // RANK_LEVELS)  # [groups]: the lowest rank in that bucket
     keep = codes > boundary[:, None]  # [groups, n]
@@ -103,7 +103,7 @@ def mask_from_codes(codes: torch.Tensor, shape: torch.Size, sparsity: float,
     order = by_score[torch.sort(row[by_score], stable=True).indices]  # by group, then score, then position
     row, col = row[order], col[order]
     starts = torch.cumsum(torch.bincount(row, minlength=groups), 0) - torch.bincount(row, minlength=groups)
-    rank_in_bucket = torch.arange(row.numel()) - starts[row]
+    rank_in_bucket = torch.arange(row.numel(), device=codes.device) - starts[row]
     kept = rank_in_bucket >= (drop - first_rank)[row]
     keep[row[kept], col[kept]] = True
     return keep.reshape(shape)

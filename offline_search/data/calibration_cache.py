@@ -61,6 +61,9 @@ class HessianStore:
                   metadata={"aliases": json.dumps(aliases)})
         os.replace(partial, self._file(layer))
 
+    def has_layers(self, num_layers: int) -> bool:
+        return all(self._file(i).is_file() for i in range(num_layers))
+
     def get(self, key: str) -> torch.Tensor:
         """The Hessian [d_in, d_in] (float32) of the linear whose mask key is `key`."""
         layer, _ = parse_mask_key(key)

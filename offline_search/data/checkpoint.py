@@ -16,7 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vllm_adaspkv.format import MASK_FILE, canonical_key
+from vllm_adaspkv.errors import ConfigError
+from vllm_adaspkv.format import MASK_FILE, canonical_key, parse_mask_key
 
 # transformers 5 prefix -> llava-hf prefix, first match wins.
 _TO_LLAVA_HF = (
@@ -85,15 +86,18 @@ class CheckpointWeights:
             for name in handle.keys():
                 self._where[canonical_key(name)] = (path, name)
         if not self._where:
-            raise FileNotFoundError(f"{self.model_dir}: no *.safetensors weights")
+            raise ConfigError(f"{self.model_dir}: no *.safetensors weights (adaspkv reads safetensors checkpoints; "
+                              "convert a pytorch_model.bin with transformers' save_pretrained)")
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the language model's first decoder weight (the vision tower may differ)."""
-        key = next((k for k in self._where if ".layers." in k and k.startswith("language_model.")),
-                   next(iter(self._where)))
+        """The dtype of the language model's linear weights (norms and the vision tower may differ)."""
+        key = next((k for k in self._where if parse_mask_key(k) is not None), next(iter(self._where)))
         path, name = self._where[key]
-        return _SAFETENSORS_DTYPES[self._files[path].get_slice(name).get_dtype()]
+        stored = self._files[path].get_slice(name).get_dtype()
+        if stored not in _SAFETENSORS_DTYPES:
+            raise ConfigError(f"{path}: {name} is stored as {stored}; adaspkv loads {', '.join(_SAFETENSORS_DTYPES)}")
+        return _SAFETENSORS_DTYPES[stored]
 
     def __contains__(self, key: str) -> bool:
         return key in self._where

@@ -109,7 +109,8 @@ def cached_calibration(model, processor, base_sha256: str, config: CalibrationCo
     hash) and settings."""
     path = statistics_file(cache_dir, config.cache_key(base_sha256))
     stats = load_statistics(path)
-    if stats is not None:
+    hessians_gone = config.hessian and not HessianStore(path).has_layers(model_geometry(model).num_layers)
+    if stats is not None and not hessians_gone:
         return stats, path, True
     stats = calibrate(model, processor, config, show_progress, save_hessians=HessianStore(path).save_layer)
     save_statistics(path, stats)  # last: a cache hit has every layer's Hessians

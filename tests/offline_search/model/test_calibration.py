@@ -51,3 +51,20 @@ def test_layer_by_layer_statistics_equal_a_whole_model_pass_and_hessians_go_to_f
         torch.testing.assert_close(store.get(key), hessians[key], rtol=1e-4, atol=1e-6)
     # k/v read q's input: one Hessian stored for the three
     assert len(list(store.directory.glob("layer-*.safetensors"))) == model.config.text_config.num_hidden_layers
+
+
+def test_a_cache_entry_whose_hessians_were_deleted_is_calibrated_again(tiny_llava_dir, tmp_path):
+    import shutil
+
+    from offline_search.search.compress import cached_calibration
+    from vllm_adaspkv.format import model_sha256
+
+    model, processor = load_llava(tiny_llava_dir)
+    config = CalibrationConfig(text_windows=1, image_samples=1, hessian=True)
+    sha = model_sha256(tiny_llava_dir)
+    _, path, hit = cached_calibration(model, processor, sha, config, tmp_path, show_progress=False)
+    assert not hit and HessianStore(path).has_layers(model.config.text_config.num_hidden_layers)
+    assert cached_calibration(model, processor, sha, config, tmp_path, show_progress=False)[2]
+    shutil.rmtree(HessianStore(path).directory)
+    _, _, hit = cached_calibration(model, processor, sha, config, tmp_path, show_progress=False)
+    assert not hit and HessianStore(path).has_layers(model.config.text_config.num_hidden_layers)
