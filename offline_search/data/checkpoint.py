@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from offline_search.data.sharded_safetensors import StoredTensor, read_header
 from vllm_adaspkv.errors import ConfigError
 from vllm_adaspkv.format import MASK_FILE, canonical_key, parse_mask_key
 
@@ -70,21 +70,20 @@ _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torc
 
 
 class CheckpointWeights:
-    """The weights of a safetensors checkpoint (one file or shards), read one tensor at a time from the
-    memory-mapped files: how the search gets a linear's dense weight back without a second copy of the
-    model in memory. Keys are the artifact's (`canonical_key`)."""
+    """The weights of a safetensors checkpoint (one file or shards), read one tensor at a time: how the
+    search gets a linear's dense weight back without a second copy of the model in memory. Read with
+    plain reads, not a memory map: a mapped checkpoint's pages count in the process's RSS as they are
+    touched (13 GB more for a 7B model, reclaimable but reported), read ones only while in use. Keys are
+    the artifact's (`canonical_key`)."""
 
     def __init__(self, model_dir: str | Path):
         self.model_dir = Path(model_dir)
-        self._files = {}  # path -> open safe_open handle
-        self._where = {}  # canonical key -> (path, name in the file)
+        self._where: dict[str, tuple[Path, StoredTensor]] = {}  # canonical key -> (file, tensor)
         for path in sorted(self.model_dir.glob("*.safetensors")):
             if path.name == MASK_FILE:
                 continue
-            handle = safe_open(str(path), framework="pt")
-            self._files[path] = handle
-            for name in handle.keys():
-                self._where[canonical_key(name)] = (path, name)
+            for name, stored in read_header(path).items():
+                self._where[canonical_key(name)] = (path, stored)
         if not self._where:
             raise ConfigError(f"{self.model_dir}: no *.safetensors weights (adaspkv reads safetensors checkpoints; "
                               "convert a pytorch_model.bin with transformers' save_pretrained)")
@@ -93,15 +92,23 @@ class CheckpointWeights:
     def dtype(self) -> torch.dtype:
         """The dtype of the language model's linear weights (norms and the vision tower may differ)."""
         key = next((k for k in self._where if parse_mask_key(k) is not None), next(iter(self._where)))
-        path, name = self._where[key]
-        stored = self._files[path].get_slice(name).get_dtype()
-        if stored not in _SAFETENSORS_DTYPES:
-            raise ConfigError(f"{path}: {name} is stored as {stored}; adaspkv loads {', '.join(_SAFETENSORS_DTYPES)}")
-        return _SAFETENSORS_DTYPES[stored]
+        return self._dtype(key)
+
+    def _dtype(self, key: str) -> torch.dtype:
+        path, stored = self._where[key]
+        if stored.dtype not in _SAFETENSORS_DTYPES:
+            raise ConfigError(f"{path}: {key} is stored as {stored.dtype}; adaspkv loads "
+                              f"{', '.join(_SAFETENSORS_DTYPES)}")
+        return _SAFETENSORS_DTYPES[stored.dtype]
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
     def get(self, key: str) -> torch.Tensor:
-        path, name = self._where[key]
-        return self._files[path].get_tensor(name)
+        path, stored = self._where[key]
+        buffer = bytearray(stored.end - stored.start)
+        with open(path, "rb") as f:
+            f.seek(stored.start)
+            if f.readinto(buffer) != len(buffer):
+                raise ConfigError(f"{path}: truncated; {key} needs bytes {stored.start}..{stored.end}")
+        return torch.frombuffer(buffer, dtype=self._dtype(key)).reshape(stored.shape)

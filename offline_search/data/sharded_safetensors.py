@@ -79,3 +79,22 @@ def write_sharded(out_dir: Path, specs: Sequence[TensorSpec], make: Callable[[Te
     index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return [out_dir / name for name in names]
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    dtype: str  # safetensors' name: BF16, F16, F32, ...
+    shape: tuple[int, ...]
+    start: int  # byte offsets in the file
+    end: int
+
+
+def read_header(path: Path) -> dict[str, StoredTensor]:
+    """The tensors of one safetensors file and where their bytes are (the file's header only)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    base = 8 + length
+    return {name: StoredTensor(entry["dtype"], tuple(entry["shape"]), base + entry["data_offsets"][0],
+                               base + entry["data_offsets"][1]) for name, entry in header.items()}

@@ -56,3 +56,11 @@ def test_search_in_bf16_writes_a_searched_artifact(small_family_dir, tmp_path):
     assert main(["search", *args]) == 0
     plan = art.read_plan(out)
     assert plan.provenance.trials_completed == 3 and plan.evaluation.mean_sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_checkpoint_weights_read_each_tensor_as_safetensors_does(small_family_dir):
+    weights = CheckpointWeights(small_family_dir)
+    index = json.loads((small_family_dir / INDEX_FILE).read_text())["weight_map"]
+    for name in list(index)[::7]:
+        with safe_open(str(small_family_dir / index[name]), framework="pt") as f:
+            assert torch.equal(weights.get(art.canonical_key(name)), f.get_tensor(name)), name
