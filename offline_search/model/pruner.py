@@ -27,7 +27,7 @@ class Pruner:
 
     def __init__(self, model, weights: CheckpointWeights, stats: dict[str, dict], metric: str,
                  nm: tuple[int, int] | None = None, amia: bool = False, ranked: bool = False,
-                 hessians: Callable[[str], torch.Tensor] | None = None):
+                 hessians: Callable[[str], torch.Tensor] | None = None, progress: bool = False):
         self.linears = model_linears(model)  # mask key -> nn.Linear
         self.weights, self.metric, self.nm, self.stats = weights, metric, nm, stats
         self.in_sq_name = "amia_in_sq" if amia else "in_sq"
@@ -44,7 +44,7 @@ class Pruner:
                 raise ValueError("SparseGPT needs Hessians; the calibration statistics have none")
             return
         if nm or ranked:
-            for key in self.linears:
+            for key in tqdm(self.linears, desc="ranking", unit="linear", disable=not progress):
                 scores = self.scores(key)
                 if nm:
                     self._fixed_masks[key] = nm_keep_mask(scores, *nm)

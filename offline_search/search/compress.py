@@ -43,7 +43,8 @@ def compress(config: CompressConfig) -> Path | None:
     print(f"calibration statistics {'reused from' if hit else 'written to'} {cache_file}")
     # a search masks at many sparsities: rank once (1 byte a weight); a single prune selects once
     pruner = Pruner(model, CheckpointWeights(model_dir), stats, config.metric, config.nm, config.amia,
-                    ranked=config.allocation == "tpe", hessians=HessianStore(cache_file).get)
+                    ranked=config.allocation == "tpe", hessians=HessianStore(cache_file).get,
+                    progress=config.show_progress)
     objective = Objective(model, processor, config.objective)
     start = time.perf_counter()
     dense_value = objective()
