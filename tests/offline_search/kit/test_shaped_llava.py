@@ -49,13 +49,25 @@ def test_prune_in_bf16_meets_the_plan(small_family_dir, tmp_path, metric):
         assert pruned.dtype == torch.bfloat16
 
 
-def test_search_in_bf16_writes_a_searched_artifact(small_family_dir, tmp_path):
-    out = tmp_path / "art"
-    args = prune_args(small_family_dir, out, tmp_path / "cache", "--metric", "lognorm", "--trials", "3",
-                      "--blocks", "2")
-    assert main(["search", *args]) == 0
-    plan = art.read_plan(out)
-    assert plan.provenance.trials_completed == 3 and plan.evaluation.mean_sparsity == pytest.approx(0.5, abs=0.01)
+def test_search_in_bf16_gives_the_same_artifact_with_or_without_rank_codes(small_family_dir, tmp_path, monkeypatch,
+                                                                          capsys):
+    from offline_search.search import compress
+
+    artifacts = []
+    for codes_fit in (True, False):
+        if not codes_fit:  # a machine too small for the rank codes: every trial selects its masks again
+            monkeypatch.setattr(compress, "RANKING_HEADROOM_BYTES", 1 << 60)
+        out = tmp_path / f"art-{codes_fit}"
+        args = prune_args(small_family_dir, out, tmp_path / "cache", "--metric", "lognorm", "--trials", "3",
+                          "--blocks", "2")
+        assert main(["search", *args]) == 0
+        assert ("NOT kept" in capsys.readouterr().out) == (not codes_fit)
+        plan = art.read_plan(out)
+        assert plan.provenance.trials_completed == 3 and plan.evaluation.mean_sparsity == pytest.approx(0.5, abs=0.01)
+        artifacts.append((plan, art.read_masks(out)))
+    (with_codes, masks), (without, other) = artifacts
+    assert with_codes.evaluation == without.evaluation and with_codes.layers == without.layers
+    assert all(torch.equal(masks[key], other[key]) for key in masks)
 
 
 def test_checkpoint_weights_read_each_tensor_as_safetensors_does(small_family_dir):
