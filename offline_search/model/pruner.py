@@ -20,6 +20,7 @@ from offline_search.core.sparsegpt import sparsegpt_prune
 from offline_search.data.checkpoint import CheckpointWeights
 from offline_search.model.llava import model_linears
 from vllm_adaspkv.errors import ConfigError
+from vllm_adaspkv.format import PackedMaskMap
 
 
 class Pruner:
@@ -67,9 +68,10 @@ class Pruner:
         return {key: m.weight.numel() for key, m in self.linears.items()}
 
     @torch.no_grad()
-    def apply(self, sparsity: dict[str, float], progress: bool = False) -> dict[str, torch.Tensor]:
-        """Masks every linear at its sparsity (ignored under N:M); returns the keep masks (CPU)."""
-        masks = {}
+    def apply(self, sparsity: dict[str, float], progress: bool = False, keep_masks: bool = True) -> PackedMaskMap:
+        """Masks every linear at its sparsity (ignored under N:M); returns the keep masks, held bit-packed
+        (a search trial, `keep_masks=False`, needs none: 6.5 GB of bool masks for a 7B model)."""
+        masks = PackedMaskMap()
         for key, linear in tqdm(self.linears.items(), desc="masking", unit="linear", disable=not progress):
             dense = self.dense(key)  # [d_out, d_in]
             if self.metric == "sparsegpt":
@@ -80,7 +82,8 @@ class Pruner:
             else:
                 mask = self._mask(key, dense, sparsity[key])
                 linear.weight.copy_(dense * mask)
-            masks[key] = mask
+            if keep_masks:
+                masks.add(key, mask)
         return masks
 
     def _mask(self, key: str, dense: torch.Tensor, sparsity: float) -> torch.Tensor:

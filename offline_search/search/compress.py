@@ -62,11 +62,11 @@ def compress(config: CompressConfig) -> Path | None:
         from offline_search.search.study import chosen_trial, completed_trials, run_search
 
         if plan is not None:
-            pruner.apply(plan)  # a fixed sparsity plan: only the KV plan changes from trial to trial
+            pruner.apply(plan, keep_masks=False)  # a fixed sparsity plan: only the KV plan changes per trial
 
         def evaluate_plan(layer_sparsity: list[float] | None, bits: list[int] | None) -> float:
             if layer_sparsity is not None:
-                pruner.apply(per_linear(layer_sparsity, num_layers))
+                pruner.apply(per_linear(layer_sparsity, num_layers), keep_masks=False)
             if bits is not None:
                 apply_kv_plan(model, bits, config.kv_group, config.rotate_keys)
             return objective()
@@ -97,8 +97,9 @@ def compress(config: CompressConfig) -> Path | None:
                            Provenance(**provenance), evaluation, study)
 
 
-# Measured: a lognorm search of a 7B model (13.1 GiB of bf16 weights, 6.0 GiB of rank codes) was
-# killed for memory on a 23.5 GiB machine at 22.6 GiB anonymous memory: 3.5 GiB beyond the two.
+# Measured: a lognorm search of a 7B model (13.2 GiB of bf16 weights, 6.0 GiB of rank codes) was killed
+# for memory on a 23.5 GiB machine at 22.6 GiB of anonymous memory, then with a trial's masks held as
+# bool tensors; a trial without codes or masks holds about 2 GiB beyond the weights.
 RANKING_HEADROOM_BYTES = 5 << 30
 
 

@@ -4,6 +4,7 @@ checkpoint, and the report (offline_search/search/report.py)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from vllm_adaspkv.format import (LINEARS, BaseCheckpoint, Evaluation, KVQuantSch
                                  mask_key, model_sha256, retract_artifact, write_artifact)
 
 
-def layer_plans(masks: dict[str, torch.Tensor], kv_bits: list[int]) -> tuple[LayerPlan, ...]:
+def layer_plans(masks: Mapping[str, torch.Tensor], kv_bits: list[int]) -> tuple[LayerPlan, ...]:
     """Each linear's measured sparsity (not the requested one) and each layer's KV bits."""
     return tuple(
         LayerPlan(sparsity={name: 1.0 - float(masks[mask_key(i, name)].float().mean()) for name in LINEARS},
@@ -25,7 +26,7 @@ def layer_plans(masks: dict[str, torch.Tensor], kv_bits: list[int]) -> tuple[Lay
 
 
 def export_artifact(config: CompressConfig, model, processor, model_dir: Path, base_sha256: str,
-                    masks: dict[str, torch.Tensor], kv_bits: list[int], provenance: Provenance,
+                    masks: Mapping[str, torch.Tensor], kv_bits: list[int], provenance: Provenance,
                     evaluation: dict, study=None) -> Path:
     """Writes the artifact into config.out. The old plan goes first and the new one comes last, so a
     crash on the way (a checkpoint of 14 GB takes a while) leaves a folder that is no artifact, never
@@ -37,7 +38,7 @@ def export_artifact(config: CompressConfig, model, processor, model_dir: Path, b
     if full:
         save_llava_checkpoint(model, processor, out)
         checkpoint_sha256 = model_sha256(out)
-    zeroed = sum(int((~m).sum()) for m in masks.values())
+    zeroed = sum(int((~m).sum()) for m in masks.values())  # one mask unpacked at a time (PackedMaskMap)
     mean_sparsity = zeroed / sum(m.numel() for m in masks.values())
     plan = Plan(
         # relative: an artifact moved together with its base model (or copied beside it) still finds it

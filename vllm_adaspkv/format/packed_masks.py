@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,28 @@ class PackedMasks:
             raise ArtifactError(f"{self.path}: {key}: {exc}") from None
         _check_mask(key, mask, self.plan, str(self.path))
         return mask
+
+
+class PackedMaskMap(Mapping):
+    """Bool keep masks held bit-packed in memory (1 bit a weight), unpacked one at a time when read:
+    the masks of a pruned 7B model are 6.5 GB as bool tensors, 0.8 GB packed. A read-only mapping of
+    key -> bool mask once filled with `add`."""
+
+    def __init__(self):
+        self._packed: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
+
+    def add(self, key: str, mask: torch.Tensor) -> None:
+        self._packed[key] = (pack_mask(mask), tuple(mask.shape))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        packed, shape = self._packed[key]
+        return unpack_mask(packed, shape)
+
+    def __iter__(self):
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
 
 
 def read_masks(art_dir: str | Path, plan: Plan | None = None) -> dict[str, torch.Tensor]:

@@ -345,3 +345,14 @@ def test_a_mask_is_applied_on_the_weights_device():
     masked = mask_weight(torch.ones(2, 4, device="meta"), torch.tensor([[True, False, True, False]] * 2))
     assert masked.device.type == "meta" and masked.shape == (2, 4)
     assert mask_weight(torch.ones(1, 4), torch.tensor([[True, False, True, False]])).tolist() == [[1, 0, 1, 0]]
+
+
+def test_packed_mask_map_holds_one_bit_a_weight_and_reads_back_bool_masks():
+    from vllm_adaspkv.format import PackedMaskMap
+
+    masks = PackedMaskMap()
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    masks.add("language_model.model.layers.0.mlp.up_proj.weight", mask)
+    assert list(masks) == ["language_model.model.layers.0.mlp.up_proj.weight"] and len(masks) == 1
+    assert torch.equal(masks["language_model.model.layers.0.mlp.up_proj.weight"], mask)
+    assert masks._packed["language_model.model.layers.0.mlp.up_proj.weight"][0].tolist() == [0b10100100]
