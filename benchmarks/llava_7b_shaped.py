@@ -56,10 +56,13 @@ def stage_command(stage: str, args) -> list[str]:
 
 
 class PeakRSS:
-    """Peak of the summed RSS of a process and all its descendants, sampled in a thread."""
+    """Peaks of the summed RSS, and of the summed anonymous part of it, of a process and all its
+    descendants, sampled in a thread. RSS also counts the clean pages of memory-mapped files (vLLM and
+    transformers map the checkpoint), which the kernel can drop at any time; anonymous memory is what
+    the processes hold and what runs a machine out of memory."""
 
     def __init__(self, pid: int, interval_s: float = 0.2, include_root: bool = True):
-        self.root, self.interval_s, self.peak = psutil.Process(pid), interval_s, 0
+        self.root, self.interval_s, self.peak, self.peak_anon = psutil.Process(pid), interval_s, 0, 0
         self.include_root = include_root
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -69,13 +72,14 @@ class PeakRSS:
         while not self._stop.is_set():
             try:
                 procs = [self.root] * self.include_root + self.root.children(recursive=True)
-                total = 0
+                total = anon = 0
                 for p in procs:
                     try:
-                        total += p.memory_info().rss
+                        info = p.memory_info()
+                        total, anon = total + info.rss, anon + info.rss - info.shared  # shared: file-backed
                     except psutil.Error:
                         pass
-                self.peak = max(self.peak, total)
+                self.peak, self.peak_anon = max(self.peak, total), max(self.peak_anon, anon)
             except psutil.Error:
                 pass
             self._stop.wait(self.interval_s)
@@ -97,14 +101,16 @@ def run_stage(stage: str, args) -> dict:
         code = process.wait()
     peak = rss.stop()
     result = {"stage": stage, "command": command, "exit_code": code, "wall_s": round(time.monotonic() - start, 1),
-              "peak_rss_gib": round(peak / 2**30, 2), "log": str(log)}
+              "peak_rss_gib": round(peak / 2**30, 2), "peak_anon_gib": round(rss.peak_anon / 2**30, 2),
+              "log": str(log)}
     text = log.read_text(errors="replace")
     for line in text.splitlines():  # what the commands print about themselves
         if line.startswith(("dense model:", "compressed model:", "mean trial time", "written in", "artifact written")):
             result.setdefault("printed", []).append(line.strip())
     if code != 0:
         print("\n".join(text.splitlines()[-20:]))
-    print(f"[{stage}] exit {code}, {result['wall_s']} s, peak RSS {result['peak_rss_gib']} GiB", flush=True)
+    print(f"[{stage}] exit {code}, {result['wall_s']} s, peak RSS {result['peak_rss_gib']} GiB "
+          f"(anonymous {result['peak_anon_gib']} GiB)", flush=True)
     return result
 
 
@@ -144,7 +150,8 @@ def serve_stage(args) -> dict:
     table = [line.split("] ", 1)[-1] for line in log.splitlines() if "adaspkv" in line and "KV" in line]
     result = {"stage": "serve", "command": command, "exit_code": 0, "startup_s": round(startup, 1),
               "chat_s": round(chat_s, 1), "answer": answer, "prompt_tokens": prompt_tokens,
-              "peak_rss_gib": round(peak / 2**30, 2), "startup_table_lines": table[-3:],
+              "peak_rss_gib": round(peak / 2**30, 2), "peak_anon_gib": round(rss.peak_anon / 2**30, 2),
+              "startup_table_lines": table[-3:],
               "log": str(config.log_file)}
     print(f"[serve] started in {startup:.0f} s, answered in {chat_s:.0f} s: {answer!r}; peak RSS "
           f"{result['peak_rss_gib']} GiB", flush=True)
