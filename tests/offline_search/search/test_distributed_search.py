@@ -102,24 +102,37 @@ def test_three_workers_one_killed(tiny_llava_dir, tmp_path, postgres_url):
     assert art.read_plan(out).provenance.trials_completed == TRIALS
 
 
-def _kill_in_a_trial(victim: subprocess.Popen, storage: str, timeout_s: float = 600) -> int:
-    """SIGKILLs `victim` while one of its trials runs; returns that trial's number."""
+def _kill_in_a_trial(victim: subprocess.Popen, url: str, timeout_s: float = 600) -> int:
+    """SIGKILLs `victim` while one of its trials runs; returns that trial's number. One storage for all
+    the polls (a storage per poll leaked its connection pool: under load the server ran out of clients)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert victim.poll() is None, "the worker to kill ended by itself"
-        for summary in _studies(storage):
-            for trial in optuna.load_study(study_name=summary.study_name, storage=storage).get_trials(
-                    deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-                if trial.user_attrs.get("worker", "").endswith(f":{victim.pid}") and "plan" in trial.user_attrs:
-                    victim.send_signal(signal.SIGKILL)
-                    return trial.number
-        time.sleep(0.1)
+    storage = None
+    try:
+        while time.monotonic() < deadline:
+            assert victim.poll() is None, "the worker to kill ended by itself"
+            storage = storage or _storage_once_created(url)
+            for summary in optuna.get_all_study_summaries(storage) if storage else []:
+                for trial in optuna.load_study(study_name=summary.study_name, storage=storage).get_trials(
+                        deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                    if trial.user_attrs.get("worker", "").endswith(f":{victim.pid}") and "plan" in trial.user_attrs:
+                        victim.send_signal(signal.SIGKILL)
+                        return trial.number
+            time.sleep(0.1)
+    finally:
+        if storage is not None:
+            storage.engine.dispose()
     raise AssertionError("the worker to kill never ran a trial")
 
 
-def _studies(storage: str) -> list:
-    """The studies so far; none while the workers are still creating the tables."""
+def _storage_once_created(url: str):
+    """The workers' storage once they have created its tables (None before: the test must not create
+    them, the workers' race on an empty database is part of what is tested)."""
+    storage = None
     try:
-        return optuna.get_all_study_summaries(storage)
-    except Exception:  # tables half created by a worker: try again in a moment
-        return []
+        storage = optuna.storages.RDBStorage(url, skip_table_creation=True)  # checks the schema version
+        optuna.get_all_study_summaries(storage)
+        return storage
+    except Exception:  # tables not there yet, or half created by a worker: try again in a moment
+        if storage is not None:
+            storage.engine.dispose()
+        return None
