@@ -59,8 +59,7 @@ def load_llava(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
     model's weights are stored in unless `dtype` says otherwise (a bf16 7B model takes 13 GiB, 26 in fp32)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    weights = CheckpointWeights(model_dir)
-    dtype = dtype or weights.dtype
+    dtype = dtype or CheckpointWeights(model_dir).dtype
     model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype).to(device)
     processor = AutoProcessor.from_pretrained(str(model_dir))
     return model.eval(), processor

@@ -1,6 +1,6 @@
 """Applies per-linear sparsities to a model in memory, many times, without reloading it.
 
-No second copy of the model: each linear's dense weight is read back from the memory-mapped checkpoint
+No second copy of the model: each linear's dense weight is read back from the checkpoint's files
 (`CheckpointWeights`) when it is masked, one linear at a time. A search (`ranked=True`) keeps each
 weight's 1-byte rank code (`masks.rank_codes`), so that a trial's mask costs a comparison and the scores
 of one rank bucket; a single prune selects each mask from its scores once. SparseGPT's weight update
@@ -46,13 +46,14 @@ class Pruner:
             return
         if nm or ranked:
             for key in tqdm(self.linears, desc="ranking", unit="linear", disable=not progress):
-                scores = self.scores(key)
+                dense = self.dense(key)  # read once for its scores and, for lognorm, its norms
+                scores = self.scores(key, dense)
                 if nm:
                     self._fixed_masks[key] = nm_keep_mask(scores, *nm)
                 else:
                     self._codes[key] = rank_codes(scores, PER_ROW[metric])
                     if metric == "lognorm":
-                        self._norms[key] = lognorm_norms(self.dense(key).abs().float())
+                        self._norms[key] = lognorm_norms(dense.abs().float())
 
     def dense(self, key: str) -> torch.Tensor:
         """The linear's dense weight, read from the checkpoint (on the CPU, in the checkpoint's dtype)."""

@@ -34,7 +34,8 @@ def compress(config: CompressConfig) -> Path | None:
     """Runs the whole job and returns the artifact directory (None for an extra worker, which only
     runs trials of the shared study)."""
     model_dir = resolve_model(config.model)
-    model, processor = load_llava(model_dir, device=config.resolved_device())
+    weights = CheckpointWeights(model_dir)  # the safetensors headers, read once
+    model, processor = load_llava(model_dir, weights.dtype, config.resolved_device())
     num_layers = model_geometry(model).num_layers
     config = config.with_model_layers(num_layers)
     cache_dir = config.cache_dir or default_cache_dir()
@@ -42,7 +43,7 @@ def compress(config: CompressConfig) -> Path | None:
     stats, cache_file, hit = cached_calibration(model, processor, base_sha256, config.calibration, cache_dir,
                                                 config.show_progress)
     print(f"calibration statistics {'reused from' if hit else 'written to'} {cache_file}")
-    pruner = Pruner(model, CheckpointWeights(model_dir), stats, config.metric, config.nm, config.amia,
+    pruner = Pruner(model, weights, stats, config.metric, config.nm, config.amia,
                     ranked=config.allocation == "tpe" and rank_codes_fit(model), hessians=HessianStore(cache_file).get,
                     progress=config.show_progress)
     objective = Objective(model, processor, config.objective)
@@ -156,10 +157,8 @@ def _owl_layers(stats: dict, pruner: Pruner, sparsity: float, num_layers: int) -
 
 
 def _das_linears(stats: dict, pruner: Pruner, sparsity: float) -> dict[str, float]:
-    sizes = pruner.sizes()
-    keys = list(sizes)
-    sizes = [sizes[k] for k in keys]
-    return dict(zip(keys, allocation.das_plan(sizes, [stats[k]["diversity"] for k in keys], sparsity)))
+    keys, sizes = zip(*pruner.sizes().items())
+    return dict(zip(keys, allocation.das_plan(list(sizes), [stats[k]["diversity"] for k in keys], sparsity)))
 
 
 def _fixed_plan(config: CompressConfig, stats: dict, pruner: Pruner, num_layers: int) -> dict[str, float]:

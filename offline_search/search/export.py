@@ -38,8 +38,10 @@ def export_artifact(config: CompressConfig, model, processor, model_dir: Path, b
     if full:
         save_llava_checkpoint(model, processor, out)
         checkpoint_sha256 = model_sha256(out)
-    zeroed = sum(int((~m).sum()) for m in masks.values())  # one mask unpacked at a time (PackedMaskMap)
-    mean_sparsity = zeroed / sum(m.numel() for m in masks.values())
+    zeroed = total = 0
+    for mask in masks.values():  # one pass, one mask unpacked at a time (PackedMaskMap)
+        zeroed, total = zeroed + int((~mask).sum()), total + mask.numel()
+    mean_sparsity = zeroed / total
     plan = Plan(
         # relative: an artifact moved together with its base model (or copied beside it) still finds it
         base_model=BaseCheckpoint(path=os.path.relpath(Path(model_dir).resolve(), out.resolve()), sha256=base_sha256),
@@ -50,8 +52,7 @@ def export_artifact(config: CompressConfig, model, processor, model_dir: Path, b
         full_checkpoint=full, checkpoint_sha256=checkpoint_sha256, provenance=provenance,
         evaluation=Evaluation(**evaluation, mean_sparsity=mean_sparsity))
     write_report(out, plan, model_geometry(model), study)
-    pruned = any(not bool(m.all()) for m in masks.values())
-    write_artifact(out, plan, masks if pruned else None)  # a KV-only plan needs no masks
+    write_artifact(out, plan, masks if zeroed else None)  # a KV-only plan needs no masks
     print(f"artifact written to {out} (mean sparsity {mean_sparsity:.4f}, mean KV bits {plan.mean_kv_bits():g}"
           f"{', with the pruned checkpoint' if full else ''})")
     return out
