@@ -1,0 +1,111 @@
+"""The packed sparse linear kernel against torch's dense bf16 matmul, on LLaMA-7B's linear shapes.
+
+For each weight shape (out x in: q/k/v/o 4096x4096, gate/up 11008x4096, down 4096x11008), rows of x
+(1, 4, 16: decode batches) and sparsity (0.5, 0.6, 0.7), side by side in one run:
+    dense   torch.nn.functional.linear(x, W) with x, W in bf16 (the pruned weight, zeros included)
+    packed  vllm_adaspkv.sparse.cpu_kernels.matmul(x, pack(W, mask)): the AVX-512 kernel
+Weights are cycled through copies totalling >= 512 MiB so that every call reads its weight from memory,
+not from the 32 MiB L3 cache, as a decode step of a 7B model does. Each row reports the median time
+(torch.utils.benchmark, blocked_autorange), the speed-up, and the weight bytes read per second against
+the memory bandwidth measured here (a large tensor's sum: read-only traffic, the kernels' pattern).
+Reproduce (torch's thread count is printed; default: all cores):
+
+    .venv/bin/python benchmarks/packed_linear_cpu.py --out results/packed-linear-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+from vllm_adaspkv.sparse import cpu_kernels, packing
+
+SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
+ROWS = (1, 4, 8, 16)
+SPARSITIES = (0.5, 0.6, 0.7)
+MIN_BYTES = 512 * 2**20
+
+
+def median_s(fn, min_run_time: float) -> float:
+    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def read_bandwidth(min_run_time: float) -> float:
+    """Bytes per second that a sum over a 1 GiB float32 tensor reads."""
+    big = torch.ones(2**28)
+    return big.numel() * 4 / median_s(lambda: big.sum(), min_run_time)
+
+
+def cycled(calls):
+    """One callable that runs the next of `calls` each time (each on its own copy of the weight)."""
+    state = {"i": 0}
+
+    def run():
+        state["i"] = (state["i"] + 1) % len(calls)
+        return calls[state["i"]]()
+    return run
+
+
+def measure(shape, rows: int, sparsity: float, min_run_time: float) -> dict:
+    out_features, in_features = shape
+    generator = torch.Generator().manual_seed(0)
+    dense_bytes = out_features * in_features * 2
+    copies = max(2, math.ceil(MIN_BYTES / dense_bytes))
+    x = torch.randn(rows, in_features, generator=generator).bfloat16()
+    weights, packs = [], []
+    for _ in range(copies):
+        w = torch.randn(shape, generator=generator).bfloat16()
+        mask = torch.rand(shape, generator=generator) >= sparsity
+        packs.append(packing.pack(w, mask))
+        weights.append(torch.where(mask, w, torch.zeros((), dtype=w.dtype)))
+    dense_s = median_s(cycled([lambda w=w: F.linear(x, w) for w in weights]), min_run_time)
+    packed_s = median_s(cycled([lambda p=p: cpu_kernels.matmul(x, p).bfloat16() for p in packs]), min_run_time)
+    check = (cpu_kernels.matmul(x, packs[0]) - F.linear(x.float(), weights[0].float())).abs().max().item()
+    return {"out_features": out_features, "in_features": in_features, "rows": rows, "sparsity": sparsity,
+            "dense_ms": dense_s * 1e3, "packed_ms": packed_s * 1e3, "speedup": dense_s / packed_s,
+            "dense_bytes": dense_bytes, "packed_bytes": packs[0].nbytes,
+            "dense_gb_s": dense_bytes / dense_s / 1e9, "packed_gb_s": packs[0].nbytes / packed_s / 1e9,
+            "max_abs_diff_vs_fp32": check}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, help="directory for results.json and results.md")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timing (torch.utils.benchmark)")
+    args = parser.parse_args()
+    threads = torch.get_num_threads()
+    bandwidth = read_bandwidth(args.min_run_time)
+    print(f"torch {torch.__version__}, {threads} threads, kernel path: {cpu_kernels.isa()}, "
+          f"read bandwidth {bandwidth / 1e9:.1f} GB/s (1 GiB sum)")
+    header = "| out x in | rows | sparsity | dense ms | packed ms | speed-up | dense GB/s | packed GB/s | packed / bandwidth |"
+    lines = [header, "|" + "---|" * 9]
+    print(header)
+    results = []
+    for shape in SHAPES:
+        for rows in ROWS:
+            for sparsity in SPARSITIES:
+                r = measure(shape, rows, sparsity, args.min_run_time)
+                results.append(r)
+                line = (f"| {shape[0]}x{shape[1]} | {rows} | {sparsity:.1f} | {r['dense_ms']:.2f} | "
+                        f"{r['packed_ms']:.2f} | {r['speedup']:.2f}x | {r['dense_gb_s']:.1f} | "
+                        f"{r['packed_gb_s']:.1f} | {r['packed_gb_s'] * 1e9 / bandwidth:.0%} |")
+                lines.append(line)
+                print(line, flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {"torch": torch.__version__, "threads": threads, "cpu": platform.processor() or platform.machine(),
+                "kernel_path": cpu_kernels.isa(), "read_bandwidth_gb_s": bandwidth / 1e9,
+                "command": "python benchmarks/packed_linear_cpu.py --out results/packed-linear-cpu"}
+        (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
+        (args.out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""C++ kernels for packed sparse weights on CPU: y = x W^T read straight from the packed form.
+
+Decode on a CPU is bound by the bytes of weights read per token; the packed form (`sparse.packing`)
+reads (1 - s) x 16 + 1 bits a bf16 weight. `linear` runs the kernel for a few rows of x (decode) and,
+for many rows (prefill), expands the weight into a dense scratch and calls torch's GEMM, whose compute
+the kernel does not beat there. The extension is compiled by torch.utils.cpp_extension on first use
+(about a minute on 2 cores) and cached under ~/.cache/torch_extensions, as the KV kernels are.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from vllm_adaspkv.sparse.packing import PackedWeight
+
+logger = logging.getLogger("vllm.adaspkv")
+SOURCE = Path(__file__).with_name("packed_linear_cpu.cpp")
+# Rows of x above which `linear` expands the weight and calls a dense GEMM instead of the kernel
+# (benchmarks/packed_linear_cpu.py measures where the kernel stops beating the dense matmul).
+MAX_KERNEL_ROWS = 16
+
+
+@functools.cache
+def load() -> ModuleType:
+    """The compiled extension (built once per machine and source version, then loaded from cache)."""
+    from torch.utils.cpp_extension import load as build
+
+    logger.info("adaspkv: loading the C++ packed sparse linear kernels (compiled on first use, about a minute)")
+    isa = torch.backends.cpu.get_cpu_capability().lower()  # the build is -march=native: one per kind of CPU
+    return build(name=f"adaspkv_packed_linear_cpu_{isa}", sources=[str(SOURCE)],
+                 extra_cflags=["-O3", "-march=native"], verbose=False)
+
+
+def isa() -> str:
+    """The fast paths of this machine's build: "avx512-vbmi2+bf16", "avx512-vbmi2" or "portable"."""
+    return load().isa()
+
+
+def matmul(x: torch.Tensor, packed: PackedWeight, portable: bool = False) -> torch.Tensor:
+    """x [T, cols] -> x W^T [T, rows] in float32, from the packed form, by the kernel (any T)."""
+    return load().packed_linear(x, packed.bitmask, packed.values, packed.row_offsets, portable)
+
+
+def unpack_dense(packed: PackedWeight) -> torch.Tensor:
+    """The dense weight [rows, cols] in the values' dtype (zeros where pruned), in C++."""
+    return load().unpack_dense(packed.bitmask, packed.values, packed.row_offsets, packed.cols)
+
+
+def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, W, bias) for x [..., cols] in x's dtype: the kernel for up to MAX_KERNEL_ROWS rows,
+    otherwise a dense GEMM over the weight expanded for this call only."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > MAX_KERNEL_ROWS:
+        out = F.linear(rows, unpack_dense(packed).to(x.dtype), bias)
+    else:
+        out = matmul(rows, packed)  # float32: the bias is added before the one rounding to x's dtype
+        out = (out if bias is None else out + bias.float()).to(x.dtype)
+    return out.reshape(*x.shape[:-1], packed.shape[0])
