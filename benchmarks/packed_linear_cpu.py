@@ -75,6 +75,24 @@ def measure(shape, rows: int, sparsity: float, min_run_time: float) -> dict:
             "max_abs_diff_vs_fp32": check}
 
 
+def crossover(min_run_time: float) -> list[dict]:
+    """Where `cpu_kernels.linear` stops calling the kernel (MAX_KERNEL_ROWS): kernel against the weight
+    expanded for the call + torch's dense GEMM, 4096x4096 at sparsity 0.5, rising rows of x."""
+    generator = torch.Generator().manual_seed(1)
+    w = torch.randn(4096, 4096, generator=generator).bfloat16()
+    packed = packing.pack(w, torch.rand(4096, 4096, generator=generator) >= 0.5)
+    dense = packing.unpack(packed)
+    rows = []
+    for tokens in (8, 16, 32, 48, 64, 128):
+        x = torch.randn(tokens, 4096, generator=generator).bfloat16()
+        rows.append({"rows": tokens,
+                     "kernel_ms": median_s(lambda: cpu_kernels.matmul(x, packed), min_run_time) * 1e3,
+                     "expand_dense_ms": median_s(lambda: F.linear(x, cpu_kernels.unpack_dense(packed)),
+                                                 min_run_time) * 1e3,
+                     "dense_ms": median_s(lambda: F.linear(x, dense), min_run_time) * 1e3})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="directory for results.json and results.md")
@@ -98,12 +116,18 @@ def main() -> None:
                         f"{r['packed_gb_s']:.1f} | {r['packed_gb_s'] * 1e9 / bandwidth:.0%} |")
                 lines.append(line)
                 print(line, flush=True)
+    lines += ["", "Prefill crossover, 4096x4096 at 0.5 (ms): rows of x | kernel | expand + dense GEMM | dense GEMM alone",
+              "", "| rows | kernel ms | expand + dense ms | dense ms |", "|---|---|---|---|"]
+    cross = crossover(args.min_run_time)
+    for r in cross:
+        lines.append(f"| {r['rows']} | {r['kernel_ms']:.2f} | {r['expand_dense_ms']:.2f} | {r['dense_ms']:.2f} |")
+        print(lines[-1], flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         meta = {"torch": torch.__version__, "threads": threads, "cpu": platform.processor() or platform.machine(),
                 "kernel_path": cpu_kernels.isa(), "read_bandwidth_gb_s": bandwidth / 1e9,
                 "command": "python benchmarks/packed_linear_cpu.py --out results/packed-linear-cpu"}
-        (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
+        (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": results, "crossover": cross}, indent=1) + "\n")
         (args.out / "results.md").write_text("\n".join(lines) + "\n")
 
 

@@ -54,6 +54,7 @@ class CompressConfig(StrictModel):
     kv_group: Annotated[int, Field(ge=1)] = 32  # quantization group along the head dimension
     kv_key_rotation: KeyRotation = "none"
     full_checkpoint: bool = False
+    pack: bool = False  # the plan's weight_format: "packed" (served as bitmask + kept values on CPU)
     cache_dir: LaxPath | None = None  # default: $ADASPKV_CACHE_DIR or ~/.cache/adaspkv
     show_progress: bool = True
     device: Device = "auto"  # auto: cuda when available

@@ -50,6 +50,7 @@ def export_artifact(config: CompressConfig, model, processor, model_dir: Path, b
         metric=config.metric, structure=config.structure,
         allocation=config.allocation + ("+amia" if config.amia else ""),
         full_checkpoint=full, checkpoint_sha256=checkpoint_sha256, provenance=provenance,
+        weight_format="packed" if config.pack else "masked",
         evaluation=Evaluation(**evaluation, mean_sparsity=mean_sparsity))
     write_report(out, plan, model_geometry(model), study)
     write_artifact(out, plan, masks if zeroed else None)  # a KV-only plan needs no masks

@@ -15,9 +15,11 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 
 from vllm_adaspkv.engine.attention_backend import backend_for
+from vllm_adaspkv.engine.packed_linears import install_packed_linears, packed_modules
 from vllm_adaspkv.engine.serving_plan import ServedArtifact, describe_artifact, kv_formats, startup_table
 from vllm_adaspkv.engine.settings import ADDITIONAL_CONFIG_KEY, served_artifact_path, served_model_dir
 from vllm_adaspkv.format import PLAN_FILE, ArtifactError, PackedMasks, ZeroCount, canonical_key, mask_weight
+from vllm_adaspkv.sparse import packing
 
 logger = logging.getLogger("vllm.adaspkv")
 
@@ -64,6 +66,8 @@ class AdaspkvLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.served = served_artifact(vllm_config)
         install_kv_formats(self, self.served)
+        self.packed_modules = packed_modules(self.served.plan, vllm_config.device_config.device_type,
+                                             vllm_config.parallel_config.tensor_parallel_size)
         cache = vllm_config.cache_config
         logger.info("%s", startup_table(self.served, vllm_config.model_config.dtype.itemsize,
                                         cache.kv_cache_memory_bytes, cache.block_size,
@@ -72,20 +76,28 @@ class AdaspkvLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Masks the Hugging Face weight stream before vLLM fuses q/k/v and gate/up and slices for
         tensor parallelism, and checks every linear's zeros against the plan. Each mask is unpacked
-        as its weight streams in and dropped after it: one weight's mask in memory, never all."""
+        as its weight streams in and dropped after it: one weight's mask in memory, never all.
+        A weight of a module served packed is packed here (from its mask, or from its zeros in a full
+        checkpoint) and kept from vLLM's dense parameter."""
         served = self.served
-        plan = served.plan
-        masks = PackedMasks(served.artifact_dir, plan) if served.has_masks else {}
+        masks = PackedMasks(served.artifact_dir, served.plan) if served.has_masks else {}
         unused = set(masks.keys())
-        zeros = ZeroCount(plan)
+        zeros = ZeroCount(served.plan)
+        to_pack = {key for keys in self.packed_modules.values() for key in keys}
+        parts: dict[str, packing.PackedWeight] = {}
 
         def masked(stream):
             for name, weight in stream:
                 key = canonical_key(name)
+                mask = None
                 if key in masks:
-                    weight = mask_weight(weight, masks.get(key))
+                    mask = masks.get(key)
+                    weight = mask_weight(weight, mask)
                     unused.discard(key)
                 zeros.observe(key, weight)
+                if key in to_pack:
+                    parts[key] = packing.pack(weight, weight != 0 if mask is None else mask)
+                    continue
                 yield name, weight
 
         loaded = super().load_weights(masked(weights))
@@ -93,4 +105,4 @@ class AdaspkvLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             raise ArtifactError(f"{served.artifact_dir}: masks for weights the checkpoint does not have: "
                                 f"{sorted(unused)[:3]}")
         zeros.check(str(served.artifact_dir / PLAN_FILE))
-        return loaded
+        return loaded | install_packed_linears(self, self.packed_modules, parts)

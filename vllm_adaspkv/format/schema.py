@@ -24,6 +24,7 @@ PlanMetric = Literal["magnitude", "wanda", "lognorm", "sparsegpt", "none"]
 PLAN_METRICS: tuple[str, ...] = get_args(PlanMetric)
 ScaleDtype = Literal["float16", "float32", "bfloat16"]
 KeyRotation = Literal["none", "hadamard"]
+WeightFormat = Literal["masked", "packed"]
 KEY_ROTATIONS: tuple[str, ...] = get_args(KeyRotation)
 # Export records each mask's measured sparsity, so plan and masks agree up to float rounding; 1e-3 still
 # catches a mask paired with the wrong plan (sparsity grids are much coarser than that). Every zero count
@@ -121,6 +122,8 @@ class Plan(StrictModel):
     allocation: str = "uniform"
     kv_quant: KVQuantScheme = KVQuantScheme()
     full_checkpoint: bool = Field(False, description="the artifact holds the pruned checkpoint itself")
+    weight_format: WeightFormat = Field("masked", description="how a CPU server keeps the pruned linears: "
+                                        "'masked' dense weights with zeros, or 'packed' (bitmask + kept values)")
     checkpoint_sha256: Sha256 | None = Field(None, description="with full_checkpoint: model_sha256 of the "
                                                                "artifact's own checkpoint")
     provenance: Provenance = Provenance()

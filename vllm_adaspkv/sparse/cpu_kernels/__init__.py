@@ -52,13 +52,26 @@ def unpack_dense(packed: PackedWeight) -> torch.Tensor:
     return load().unpack_dense(packed.bitmask, packed.values, packed.row_offsets, packed.cols)
 
 
+@torch.library.custom_op("adaspkv::packed_linear", mutates_args=())
+def _packed_linear(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor,
+                   cols: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [T, cols] -> [T, rows] in x's dtype. An opaque op for torch.compile (vLLM compiles the model's
+    forward): the kernel and the row-count branch run eagerly inside it."""
+    packed = PackedWeight(bitmask, values, row_offsets, cols)
+    if x.shape[0] > MAX_KERNEL_ROWS:
+        return F.linear(x, unpack_dense(packed).to(x.dtype), bias)
+    out = matmul(x, packed)  # float32: the bias is added before the one rounding to x's dtype
+    return (out if bias is None else out + bias.float()).to(x.dtype)
+
+
+@_packed_linear.register_fake
+def _(x, bitmask, values, row_offsets, cols, bias):
+    return x.new_empty((x.shape[0], bitmask.shape[0]))
+
+
 def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, W, bias) for x [..., cols] in x's dtype: the kernel for up to MAX_KERNEL_ROWS rows,
     otherwise a dense GEMM over the weight expanded for this call only."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > MAX_KERNEL_ROWS:
-        out = F.linear(rows, unpack_dense(packed).to(x.dtype), bias)
-    else:
-        out = matmul(rows, packed)  # float32: the bias is added before the one rounding to x's dtype
-        out = (out if bias is None else out + bias.float()).to(x.dtype)
+    out = _packed_linear(rows, packed.bitmask, packed.values, packed.row_offsets, packed.cols, bias)
     return out.reshape(*x.shape[:-1], packed.shape[0])
