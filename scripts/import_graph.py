@@ -18,7 +18,7 @@ PACKAGES = ("vllm_adaspkv", "offline_search", "demo")
 # The layers, lowest first: a subpackage may import only from lower layers (and from itself).
 LAYERS = (
     ("vllm_adaspkv.errors",),
-    ("vllm_adaspkv.kv",),
+    ("vllm_adaspkv.kv", "vllm_adaspkv.sparse"),
     ("vllm_adaspkv.format", "offline_search.core"),
     ("vllm_adaspkv.engine", "offline_search.data"),
     ("vllm_adaspkv", "offline_search.model"),

@@ -60,13 +60,15 @@ def test_prune_writes_a_valid_artifact(tiny_llava_dir, tmp_path, capsys):
     plan = art.read_plan(out)
     masks = art.read_masks(out, plan)
     assert plan.metric == "wanda" and plan.allocation == "uniform" and not plan.full_checkpoint
+    assert plan.weight_format == "masked"
     assert plan.mean_sparsity(weight_sizes(tiny_llava_dir)) == pytest.approx(0.5, abs=0.005)
     assert len(masks) == plan.num_layers() * len(art.LINEARS)
     assert {"report.md", "sparsity_per_layer.png"} <= {p.name for p in out.iterdir()}
     assert "written to" in capsys.readouterr().out  # the calibration was computed...
     main(["prune", *small_run(tiny_llava_dir, tmp_path / "art2", tmp_path / "cache"),
-          "--metric", "lognorm", "--sparsity", "0.5"])
+          "--metric", "lognorm", "--sparsity", "0.5", "--pack"])
     assert "reused from" in capsys.readouterr().out  # ...and reused by the next run
+    assert art.read_plan(tmp_path / "art2").weight_format == "packed"  # served packed on CPU
 
 
 def test_search_resumes_and_keeps_finished_trials(tiny_llava_dir, tmp_path, capsys):
