@@ -66,8 +66,9 @@ class AdaspkvLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.served = served_artifact(vllm_config)
         install_kv_formats(self, self.served)
+        parallel = vllm_config.parallel_config
         self.packed_modules = packed_modules(self.served.plan, vllm_config.device_config.device_type,
-                                             vllm_config.parallel_config.tensor_parallel_size)
+                                             parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
         cache = vllm_config.cache_config
         logger.info("%s", startup_table(self.served, vllm_config.model_config.dtype.itemsize,
                                         cache.kv_cache_memory_bytes, cache.block_size,

@@ -48,15 +48,16 @@ class PackedLinearMethod(LinearMethodBase):
         return cpu_kernels.linear(x, packed, bias)
 
 
-def packed_modules(plan: Plan, device: str, tensor_parallel: int) -> dict[str, tuple[str, ...]]:
+def packed_modules(plan: Plan, device: str, tensor_parallel: int, pipeline_parallel: int = 1
+                   ) -> dict[str, tuple[str, ...]]:
     """vLLM module name (language_model.model.layers.N.<fused>) -> the mask keys of its members, in row
     order, for every module served packed. Logs why none is when the plan asks for packed weights."""
     if plan.weight_format != "packed":
         return {}
-    if device != "cpu" or tensor_parallel != 1:
+    if device != "cpu" or tensor_parallel != 1 or pipeline_parallel != 1:
         logger.warning("adaspkv: the plan asks for packed weights, but they are served on CPU with "
-                       "tensor_parallel_size 1 only (here: %s, %d): serving MASKED DENSE weights instead",
-                       device, tensor_parallel)
+                       "tensor_parallel_size 1 and pipeline_parallel_size 1 only (here: %s, %d, %d): serving "
+                       "MASKED DENSE weights instead", device, tensor_parallel, pipeline_parallel)
         return {}
     modules = {}
     for i, layer in enumerate(plan.layers):
@@ -78,6 +79,9 @@ def install_packed_linears(model: torch.nn.Module, modules: dict[str, tuple[str,
             raise RuntimeError(f"adaspkv: cannot pack {name}: weights {missing} did not stream in"
                                if missing else f"adaspkv: the model has no module {name} to pack")
         module = by_name[name]
+        if isinstance(module.quant_method, PackedLinearMethod):
+            raise RuntimeError(f"adaspkv: {name} is packed already; reloading the weights of a packed model is "
+                               "not supported: start the server again")
         packed = stack_rows([parts.pop(key) for key in keys])
         if packed.values.dtype != module.weight.dtype:  # the checkpoint's dtype, not the served one
             packed = PackedWeight(packed.bitmask, packed.values.to(module.weight.dtype), packed.row_offsets,

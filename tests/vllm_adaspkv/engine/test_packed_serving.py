@@ -63,6 +63,7 @@ def test_which_modules_are_packed(tmp_path, tiny_llava_dir, caplog):
     assert not any(name.endswith("qkv_proj") for name in packed_modules(sparse, "cpu", 1))  # one member too dense
     with caplog.at_level(logging.WARNING, logger="vllm.adaspkv"):
         assert packed_modules(plan, "cpu", 2) == {} and packed_modules(plan, "cuda", 1) == {}
-    assert caplog.text.count("serving MASKED DENSE weights instead") == 2
+        assert packed_modules(plan, "cpu", 1, pipeline_parallel=2) == {}
+    assert caplog.text.count("serving MASKED DENSE weights instead") == 3
     masked = read_plan(make_artifact(tmp_path / "b", tiny_llava_dir, bits, sparsity=0.5))
     assert packed_modules(masked, "cpu", 1) == {}

@@ -189,6 +189,8 @@ void packed_rows(bool portable, const uint8_t* bitmask, int64_t row_bytes, const
 
 void check_packed(const torch::Tensor& bitmask, const torch::Tensor& values, const torch::Tensor& row_offsets,
                   int64_t cols) {
+  TORCH_CHECK(bitmask.is_cpu() && values.is_cpu() && row_offsets.is_cpu(),
+              "packed_linear: the packed weight must be on the CPU");
   TORCH_CHECK(bitmask.dim() == 2 && bitmask.scalar_type() == torch::kUInt8 && bitmask.is_contiguous(),
               "packed_linear: bitmask must be contiguous uint8 [rows, ceil(cols / 8)]");
   TORCH_CHECK(bitmask.size(1) == (cols + 7) / 8, "packed_linear: bitmask rows have ", bitmask.size(1),
@@ -203,11 +205,13 @@ void check_packed(const torch::Tensor& bitmask, const torch::Tensor& values, con
 
 }  // namespace
 
-// x [T, cols] (any float dtype) -> y [T, rows] float32.
+// x [T, cols] (any float dtype) -> y [T, rows] float32. float64 weights are summed in float32 too.
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor bitmask, torch::Tensor values, torch::Tensor row_offsets,
-                            bool portable) {
-  TORCH_CHECK(x.dim() == 2, "packed_linear: x must be [tokens, in_features]");
-  const int64_t tokens = x.size(0), cols = x.size(1), rows = bitmask.size(0);
+                            int64_t cols, bool portable) {
+  TORCH_CHECK(x.dim() == 2 && x.is_cpu(), "packed_linear: x must be a CPU tensor [tokens, in_features]");
+  TORCH_CHECK(x.size(1) == cols, "packed_linear: x has ", x.size(1), " columns; the weight has ", cols,
+              " input columns");
+  const int64_t tokens = x.size(0), rows = bitmask.size(0);
   check_packed(bitmask, values, row_offsets, cols);
   const int64_t chunks = (cols + kChunk - 1) / kChunk, padded = chunks * kChunk;
   auto y = torch::empty({tokens, rows}, x.options().dtype(torch::kFloat32));
