@@ -60,16 +60,16 @@ class TrialSeededTPE(BaseSampler):
         self._tpe(trial).after_trial(study, trial, state, values)
 
 
-def worker_name() -> str:
-    """Who runs a trial: host and process."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_record(trial_number: int, pid: int | None = None) -> dict:
+    """Who runs a trial: host and process, and for which trial (a re-queued trial inherits the
+    attributes of the one it repeats, so a record names the trial it was written for)."""
+    return {"host": socket.gethostname(), "pid": os.getpid() if pid is None else pid, "trial": trial_number}
 
 
 def record_worker(trial: optuna.Trial) -> None:
-    """Records on the trial who runs it (and for which trial: a re-queued trial inherits the attributes
-    of the one it repeats)."""
-    trial.set_user_attr("worker", worker_name())
-    trial.set_user_attr("worker_of", trial.number)
+    """Records on the trial who runs it, in one write: a process killed between two writes would leave a
+    half record, which reads as no record (and waits out the grace period instead of failing at once)."""
+    trial.set_user_attr("worker", worker_record(trial.number))
 
 
 def fail_dead_trials(study: optuna.Study, grace_s: float) -> None:
@@ -79,9 +79,9 @@ def fail_dead_trials(study: optuna.Study, grace_s: float) -> None:
     (Optuna's stale-trial check knows only trials that have beaten; such a trial would block the study)."""
     host, now = socket.gethostname(), datetime.datetime.now()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        recorded = trial.user_attrs.get("worker_of") == trial.number  # a re-queued trial inherits the old one's
-        owner, _, pid = trial.user_attrs.get("worker", "").rpartition(":")
-        gone = owner == host and pid.isdigit() and not _alive(int(pid)) if recorded else \
+        record = trial.user_attrs.get("worker")
+        recorded = isinstance(record, dict) and record.get("trial") == trial.number  # not one inherited
+        gone = record["host"] == host and not _alive(int(record["pid"])) if recorded else \
             (now - trial.datetime_start).total_seconds() > grace_s
         if gone:
             study.tell(trial.number, state=TrialState.FAIL)

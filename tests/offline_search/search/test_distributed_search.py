@@ -93,7 +93,7 @@ def test_three_workers_one_killed(tiny_llava_dir, tmp_path, postgres_url):
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
     assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE  # run again, once
     assert retries[0].params == killed_trial.params
-    assert {t.user_attrs["worker"].split(":")[1] for t in complete} >= {str(exporter.pid), str(workers[0].pid)}
+    assert {t.user_attrs["worker"]["pid"] for t in complete} >= {exporter.pid, workers[0].pid}
     # the artifact is written once, by the worker started without --worker, from the finished study
     printed = [(tmp_path / f"worker{i}.log").read_text() for i in range(3)]
     assert printed[0].count("artifact written to") == 1
@@ -114,7 +114,7 @@ def _kill_in_a_trial(victim: subprocess.Popen, url: str, timeout_s: float = 600)
             for summary in optuna.get_all_study_summaries(storage) if storage else []:
                 for trial in optuna.load_study(study_name=summary.study_name, storage=storage).get_trials(
                         deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-                    if trial.user_attrs.get("worker", "").endswith(f":{victim.pid}") and "plan" in trial.user_attrs:
+                    if trial.user_attrs.get("worker", {}).get("pid") == victim.pid and "plan" in trial.user_attrs:
                         victim.send_signal(signal.SIGKILL)
                         return trial.number
             time.sleep(0.1)

@@ -47,19 +47,17 @@ def test_a_trial_of_a_dead_process_on_this_host_is_failed_and_requeued_at_once(t
     import subprocess
     import sys
 
-    from offline_search.search.workers import fail_dead_trials, record_worker, worker_name
+    from offline_search.search.workers import fail_dead_trials, record_worker, worker_record
 
     first, _ = _two_workers(tmp_path / "s.db")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     orphan = first.ask()
     orphan.suggest_int("block_0", -2, 2)
-    orphan.set_user_attr("worker", f"{worker_name().rpartition(':')[0]}:{gone.stdout.strip()}")
-    orphan.set_user_attr("worker_of", orphan.number)
+    orphan.set_user_attr("worker", worker_record(orphan.number, pid=int(gone.stdout)))
     alive = first.ask()
     record_worker(alive)  # this process: left alone
     inherited = first.ask()  # a re-queued trial, its new runner not recorded yet: left alone
     inherited.set_user_attr("worker", orphan.user_attrs["worker"])
-    inherited.set_user_attr("worker_of", orphan.number)
     fail_dead_trials(first, grace_s=60)
     states = {t.number: t.state for t in first.get_trials()}
     assert states[orphan.number] == optuna.trial.TrialState.FAIL
