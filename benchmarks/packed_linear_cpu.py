@@ -19,6 +19,8 @@ import argparse
 import json
 import math
 import platform
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -86,10 +88,10 @@ def crossover(min_run_time: float) -> list[dict]:
     for tokens in (8, 16, 32, 48, 64, 128):
         x = torch.randn(tokens, 4096, generator=generator).bfloat16()
         rows.append({"rows": tokens,
-                     "kernel_ms": median_s(lambda: cpu_kernels.matmul(x, packed), min_run_time) * 1e3,
-                     "expand_dense_ms": median_s(lambda: F.linear(x, cpu_kernels.unpack_dense(packed)),
+                     "kernel_ms": median_s(lambda x=x: cpu_kernels.matmul(x, packed), min_run_time) * 1e3,
+                     "expand_dense_ms": median_s(lambda x=x: F.linear(x, cpu_kernels.unpack_dense(packed)),
                                                  min_run_time) * 1e3,
-                     "dense_ms": median_s(lambda: F.linear(x, dense), min_run_time) * 1e3})
+                     "dense_ms": median_s(lambda x=x: F.linear(x, dense), min_run_time) * 1e3})
     return rows
 
 
@@ -97,7 +99,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="directory for results.json and results.md")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timing (torch.utils.benchmark)")
+    parser.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES), help="OUTxIN,...")
+    parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows of x, comma list")
+    parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="comma list")
+    parser.add_argument("--no-crossover", action="store_true", help="leave out the prefill crossover table")
     args = parser.parse_args()
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+    rows_list = [int(r) for r in args.rows.split(",")]
+    sparsities = [float(v) for v in args.sparsities.split(",")]
     threads = torch.get_num_threads()
     bandwidth = read_bandwidth(args.min_run_time)
     print(f"torch {torch.__version__}, {threads} threads, kernel path: {cpu_kernels.isa()}, "
@@ -106,9 +115,9 @@ def main() -> None:
     lines = [header, "|" + "---|" * 9]
     print(header)
     results = []
-    for shape in SHAPES:
-        for rows in ROWS:
-            for sparsity in SPARSITIES:
+    for shape in shapes:
+        for rows in rows_list:
+            for sparsity in sparsities:
                 r = measure(shape, rows, sparsity, args.min_run_time)
                 results.append(r)
                 line = (f"| {shape[0]}x{shape[1]} | {rows} | {sparsity:.1f} | {r['dense_ms']:.2f} | "
@@ -116,9 +125,10 @@ def main() -> None:
                         f"{r['packed_gb_s']:.1f} | {r['packed_gb_s'] * 1e9 / bandwidth:.0%} |")
                 lines.append(line)
                 print(line, flush=True)
-    lines += ["", "Prefill crossover, 4096x4096 at 0.5 (ms): rows of x | kernel | expand + dense GEMM | dense GEMM alone",
-              "", "| rows | kernel ms | expand + dense ms | dense ms |", "|---|---|---|---|"]
-    cross = crossover(args.min_run_time)
+    cross = [] if args.no_crossover else crossover(args.min_run_time)
+    if cross:
+        lines += ["", "Prefill crossover, 4096x4096 at 0.5: the kernel against the weight expanded + torch's GEMM", "",
+                  "| rows | kernel ms | expand + dense ms | dense ms |", "|---|---|---|---|"]
     for r in cross:
         lines.append(f"| {r['rows']} | {r['kernel_ms']:.2f} | {r['expand_dense_ms']:.2f} | {r['dense_ms']:.2f} |")
         print(lines[-1], flush=True)
@@ -126,8 +136,9 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         meta = {"torch": torch.__version__, "threads": threads, "cpu": platform.processor() or platform.machine(),
                 "kernel_path": cpu_kernels.isa(), "read_bandwidth_gb_s": bandwidth / 1e9,
-                "command": "python benchmarks/packed_linear_cpu.py --out results/packed-linear-cpu"}
-        (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": results, "crossover": cross}, indent=1) + "\n")
+                "command": shlex.join(["python", *sys.argv])}
+        report = {"meta": meta, "rows": results, "crossover": cross}
+        (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
         (args.out / "results.md").write_text("\n".join(lines) + "\n")
 
 

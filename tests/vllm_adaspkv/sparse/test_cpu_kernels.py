@@ -4,6 +4,8 @@ AVX-512 and the portable path. The first test builds the extension (about half a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,7 +80,7 @@ def test_linear_gives_the_same_on_either_side_of_the_kernel_row_limit():
 def test_this_machine_builds_its_fast_path():
     """Where /proc/cpuinfo lists AVX-512 VBMI2 and BF16 (this project's machines), the build must have the
     paths that use them: otherwise the tests with portable=False would test the portable path twice."""
-    cpuinfo = open("/proc/cpuinfo").read() if torch.backends.cpu.get_cpu_capability() == "AVX512" else ""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if torch.backends.cpu.get_cpu_capability() == "AVX512" else ""
     if "avx512_vbmi2" not in cpuinfo or "avx512_bf16" not in cpuinfo:
         pytest.skip("this CPU has no AVX-512 VBMI2 + BF16")
     assert cpu_kernels.isa() == "avx512-vbmi2+bf16"
