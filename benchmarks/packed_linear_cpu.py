@@ -111,7 +111,8 @@ def main() -> None:
     bandwidth = read_bandwidth(args.min_run_time)
     print(f"torch {torch.__version__}, {threads} threads, kernel path: {cpu_kernels.isa()}, "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s (1 GiB sum)")
-    header = "| out x in | rows | sparsity | dense ms | packed ms | speed-up | dense GB/s | packed GB/s | packed / bandwidth |"
+    header = ("| out x in | rows | sparsity | dense ms | packed ms | speed-up | dense GB/s | packed GB/s | "
+              "packed / bandwidth |")
     lines = [header, "|" + "---|" * 9]
     print(header)
     results = []

@@ -15,7 +15,8 @@ greedy tokens. Reproduce:
 
     .venv/bin/python benchmarks/packed_serving_cpu.py --workdir /tmp/packed-serving --out results/packed-serving-cpu
     .venv/bin/python benchmarks/packed_serving_cpu.py --shape 7b --rows dense,packed:0.5,packed:0.7 \
-        --decode-tokens 32 --runs 2 --workdir /tmp/packed-7b --out results/packed-serving-cpu/llava-7b-shaped
+        --decode-tokens 32 --runs 2 --kv-cache-mib 1024 --workdir /tmp/packed-7b \
+        --out results/packed-serving-cpu/llava-7b-shaped
 """
 
 from __future__ import annotations
@@ -99,9 +100,10 @@ def decode(base_url: str, model: str, tokens_wanted: int) -> tuple[float, list[s
     return times[-1] - times[0], tokens
 
 
-def serve(name: str, artifact: Path, model: Path, workdir: Path, tokens_wanted: int, runs: int) -> dict:
+def serve(name: str, artifact: Path, model: Path, workdir: Path, tokens_wanted: int, runs: int,
+          kv_bytes: int) -> dict:
     plugin = ("--plugin", "adaspkv", "--tokenizer", str(model)) if artifact != model else ()
-    extra = (*plugin, "--dtype", "bfloat16", "--kv-cache-memory-bytes", str(256 << 20), "--max-model-len", "1024",
+    extra = (*plugin, "--dtype", "bfloat16", "--kv-cache-memory-bytes", str(kv_bytes), "--max-model-len", "1024",
              "--max-num-seqs", "1")
     config = ServerConfig(model=str(artifact), log_file=workdir / f"serve-{name.replace(':', '-')}.log",
                           extra_args=extra, startup_timeout_s=3600)
@@ -139,6 +141,8 @@ def main() -> None:
     parser.add_argument("--rows", default="masked:0.7,packed:0.7", help="comma list of dense, masked:S, packed:S")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--kv-cache-mib", type=int, default=256, help="vLLM's --kv-cache-memory-bytes, in MiB "
+                        "(7b: 1024 holds one 1024-token request in 16 bits)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = write_model(args.workdir, args.shape)
@@ -152,12 +156,13 @@ def main() -> None:
         if kind != "dense":
             artifacts[row] = prune(model, args.workdir / f"art-{kind}-{sparsity}", float(sparsity), kind == "packed")
         target = Path(artifacts[row]["artifact"]) if kind != "dense" else model
-        served[row] = serve(row, target, model, args.workdir, args.decode_tokens, args.runs)
+        served[row] = serve(row, target, model, args.workdir, args.decode_tokens, args.runs,
+                            args.kv_cache_mib << 20)
     base = next(iter(served.values()))
     summary = {"language_model_linear_bytes": linear_bytes, "baseline": base["name"],
-               "torch_threads_note": "vLLM's CPU worker binds its OpenMP threads itself (VLLM_CPU_OMP_THREADS_BIND=auto)"}
-    lines = ["| weights | start-up s | decode tokens/s | vs first row | RSS at rest MiB | anonymous MiB | peak RSS MiB | "
-             "saved at rest / LM linear bytes | same first greedy tokens |", "|---|---|---|---|---|---|---|---|---|"]
+               "threads": "vLLM's CPU worker binds its OpenMP threads itself (VLLM_CPU_OMP_THREADS_BIND=auto)"}
+    lines = ["| weights | start-up s | decode tokens/s | vs first row | RSS at rest MiB | anonymous MiB | "
+             "peak RSS MiB | saved at rest / LM linear bytes | same first greedy tokens |", "|---" * 9 + "|"]
     for r in served.values():
         same = next((i for i, (a, b) in enumerate(zip(base["tokens"], r["tokens"])) if a != b), len(r["tokens"]))
         r["speedup_vs_first_row"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
@@ -165,9 +170,10 @@ def main() -> None:
         r["same_first_tokens_as_first_row"] = same
         lines.append(f"| {r['name']} | {r['startup_s']:.0f} | {r['decode_tokens_per_s']:.2f} | "
                      f"{r['speedup_vs_first_row']:.2f}x | {r['rest_rss_mib']:.0f} | {r['rest_anon_mib']:.0f} | "
-                     f"{r['peak_rss_mib']:.0f} | {r['saved_share_of_linear_bytes']:.0%} | {same} of {len(r['tokens'])} |")
-    lines += ["", f"language model linear bytes: {linear_bytes / 2**20:.0f} MiB (bf16); KV budget 256 MiB; "
-              "one request at a time"]
+                     f"{r['peak_rss_mib']:.0f} | {r['saved_share_of_linear_bytes']:.0%} | "
+                     f"{same} of {len(r['tokens'])} |")
+    lines += ["", f"language model linear bytes: {linear_bytes / 2**20:.0f} MiB (bf16); KV budget "
+              f"{args.kv_cache_mib} MiB; one request at a time"]
     print("\n".join(lines))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,8 @@ def install_packed_linears(model: torch.nn.Module, modules: dict[str, tuple[str,
         row[2] += dense_bytes
     if table:
         lines = [f"  layer {i:>3}: {', '.join(names)}: {packed / 2**20:.1f} MiB resident, dense "
-                 f"{dense / 2**20:.1f} MiB ({packed / dense:.2f}x)" for i, (names, packed, dense) in sorted(table.items())]
+                 f"{dense / 2**20:.1f} MiB ({packed / dense:.2f}x)"
+                 for i, (names, packed, dense) in sorted(table.items())]
         total_packed, total_dense = sum(r[1] for r in table.values()), sum(r[2] for r in table.values())
         # measured (results/packed-linear-cpu): faster than dense up to 4 rows of x a step, slower from 8
         logger.info("adaspkv: packed sparse linears (C++ kernel %s), %.1f MiB instead of %.1f MiB dense; faster "
