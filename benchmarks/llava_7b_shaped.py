@@ -55,6 +55,19 @@ def stage_command(stage: str, args) -> list[str]:
     raise ValueError(stage)
 
 
+def tree_memory(root: psutil.Process, include_root: bool = True) -> tuple[int, int]:
+    """(RSS, anonymous RSS) summed over a process (if include_root) and its descendants; processes that
+    end while they are read are left out."""
+    total = anon = 0
+    for p in [root] * include_root + root.children(recursive=True):
+        try:
+            info = p.memory_info()
+            total, anon = total + info.rss, anon + info.rss - info.shared  # shared: file-backed
+        except psutil.Error:
+            pass
+    return total, anon
+
+
 class PeakRSS:
     """Peaks of the summed RSS, and of the summed anonymous part of it, of a process and all its
     descendants, sampled in a thread. RSS also counts the clean pages of memory-mapped files (vLLM and
@@ -71,14 +84,7 @@ class PeakRSS:
     def _run(self):
         while not self._stop.is_set():
             try:
-                procs = [self.root] * self.include_root + self.root.children(recursive=True)
-                total = anon = 0
-                for p in procs:
-                    try:
-                        info = p.memory_info()
-                        total, anon = total + info.rss, anon + info.rss - info.shared  # shared: file-backed
-                    except psutil.Error:
-                        pass
+                total, anon = tree_memory(self.root, self.include_root)
                 self.peak, self.peak_anon = max(self.peak, total), max(self.peak_anon, anon)
             except psutil.Error:
                 pass

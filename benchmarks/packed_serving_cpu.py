@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import psutil
-from llava_7b_shaped import FIXTURE, REPO, PeakRSS  # this folder is on sys.path when run as a script
+from llava_7b_shaped import FIXTURE, REPO, PeakRSS, tree_memory  # this folder is on sys.path when run as a script
 
 from offline_search.evaluation.vllm_server import ServerConfig, VllmServer
 from vllm_adaspkv.format import read_geometry
@@ -75,16 +75,6 @@ def prune(model: Path, out: Path, sparsity: float, pack: bool) -> dict:
     return {"artifact": str(out), "disk_bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file())}
 
 
-def tree_memory(pid: int) -> tuple[int, int]:
-    """(RSS, anonymous RSS) summed over the process and its descendants."""
-    root = psutil.Process(pid)
-    total = anon = 0
-    for p in [root, *root.children(recursive=True)]:
-        info = p.memory_info()
-        total, anon = total + info.rss, anon + info.rss - info.shared
-    return total, anon
-
-
 def decode(base_url: str, model: str, tokens_wanted: int) -> tuple[float, list[str]]:
     """Seconds from the first to the last of `tokens_wanted` streamed greedy tokens, and the tokens."""
     from openai import OpenAI
@@ -116,7 +106,7 @@ def serve(name: str, artifact: Path, model: Path, workdir: Path, tokens_wanted: 
     try:
         decode(server.base_url, str(artifact), tokens_wanted)  # warm-up: torch.compile, caches
         results = [decode(server.base_url, str(artifact), tokens_wanted) for _ in range(runs)]
-        rest_rss, rest_anon = tree_memory(server.process.pid)
+        rest_rss, rest_anon = tree_memory(psutil.Process(server.process.pid))
     finally:
         peak.stop()
         server.stop()
