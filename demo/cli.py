@@ -51,8 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     serve = parser.add_argument_group("vLLM server")
     serve.add_argument("--dtype", default=None,
-                       help="--dtype for `vllm serve` (default: float32 for shapes-llava, whose scores were "
-                            "measured in float32; auto otherwise)")
+                       help="--dtype for `vllm serve` (default: the dtype the checkpoint is stored in, float32 for "
+                            "the bundled models, whose scores were measured in float32)")
     serve.add_argument("--kv-cache-memory-bytes", type=int, default=_default("kv_cache_memory_bytes"),
                        help="KV-cache size handed to vLLM (default: %(default)s)")
 

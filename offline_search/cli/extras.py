@@ -6,7 +6,8 @@ from __future__ import annotations
 from importlib.util import find_spec
 
 # the module that would be missing -> the extra that installs it
-EXTRA_OF_MODULE = {"optuna": "search", "datasets": "search", "matplotlib": "search", "gradio": "demo"}
+EXTRA_OF_MODULE = {"optuna": "search", "datasets": "search", "matplotlib": "search", "gguf": "search",
+                    "gradio": "demo"}
 
 
 def require_extra(command: str, *modules: str) -> None:

@@ -16,12 +16,13 @@ from importlib.metadata import entry_points
 from types import ModuleType
 
 from offline_search.cli import eval as eval_command
-from offline_search.cli import prune, search, train
+from offline_search.cli import prune, search, train, train_smol
 from vllm_adaspkv import __version__
 from vllm_adaspkv.errors import AdaspkvError
 
 GROUP = "adaspkv.commands"
-OWN_COMMANDS: dict[str, ModuleType] = {"search": search, "prune": prune, "eval": eval_command, "train-tiny": train}
+OWN_COMMANDS: dict[str, ModuleType] = {"search": search, "prune": prune, "eval": eval_command, "train-tiny": train,
+                                       "train-smol": train_smol}
 
 
 def subcommands() -> dict[str, ModuleType]:

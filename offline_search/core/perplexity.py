@@ -42,6 +42,23 @@ def perplexity(score_windows: Callable[[torch.Tensor], torch.Tensor], batches: l
     return math.exp(total / count)
 
 
+def window_mean_nll(score_windows: Callable[[torch.Tensor], torch.Tensor], batches) -> torch.Tensor:
+    """Mean next-token NLL of every window, [num_windows] float64: exp(mean) is the perplexity (the
+    windows are of equal length), and their spread gives its standard error."""
+    means = [score_windows(batch).double() / (batch.shape[1] - 1) for batch in batches]
+    return torch.cat(means) if means else torch.zeros(0, dtype=torch.float64)
+
+
+def perplexity_standard_error(window_means: torch.Tensor) -> float:
+    """Standard error of exp(mean) over windows (delta method: ppl x SE of the mean log-loss), for a
+    subset of windows taken as a sample of the test text. Two methods scored on the same windows are
+    compared by their paired differences (`window_mean_nll` of each), which vary much less."""
+    n = window_means.numel()
+    if n < 2:
+        return float("nan")
+    return math.exp(float(window_means.mean())) * float(window_means.std()) / math.sqrt(n)
+
+
 def unigram_perplexity(train_tokens: torch.Tensor, test_tokens: torch.Tensor, vocab_size: int) -> float:
     """Perplexity of add-one-smoothed token frequencies of `train_tokens` on `test_tokens`."""
     counts = torch.bincount(train_tokens, minlength=vocab_size).double() + 1.0

@@ -37,8 +37,11 @@ def to_llava_hf_name(name: str) -> str:
 
 
 def llava_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors under llava-hf names, contiguous and unshared (safetensors needs both)."""
-    return {to_llava_hf_name(k): v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    """The model's tensors under llava-hf names, contiguous and unshared (safetensors needs both). A
+    tied output head is the embedding: left out, as published checkpoints of tied models leave it."""
+    tied = model.config.get_text_config().tie_word_embeddings
+    return {to_llava_hf_name(k): v.detach().contiguous().clone() for k, v in model.state_dict().items()
+            if not (tied and k == "lm_head.weight")}
 
 
 def save_llava_checkpoint(model, processor, out_dir: str | Path) -> Path:

@@ -77,6 +77,22 @@ def caption(shapes: tuple[Shape, ...]) -> str:
                      for s in ordered)
 
 
+EMPTY_QUADRANT = ("no", "shape")
+
+
+def caption_slots(shapes: tuple[Shape, ...]) -> tuple[str, ...]:
+    """Four words per quadrant, quadrants in `QUADRANTS` order (top left, top right, bottom left, bottom
+    right): colour, kind, row, column ("red circle top left"), or "no shape top right" for an empty one.
+    16 words: what smol-llava's 16 image tokens are trained to read as (`grounding.token_alignment_loss`)."""
+    by_place = {(s.column, s.row): s for s in shapes}
+    words: list[str] = []
+    for column, row in QUADRANTS:
+        s = by_place.get((column, row))
+        words += [s.colour, s.kind] if s else list(EMPTY_QUADRANT)
+        words += [("top", "bottom")[row], ("left", "right")[column]]
+    return tuple(words)
+
+
 def patch_shapes(shapes: tuple[Shape, ...], grid: int) -> list[Shape | None]:
     """The shape in each patch's quadrant (None where empty), patches row by row on a `grid` x
     `grid` patch grid."""

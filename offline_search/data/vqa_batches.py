@@ -17,9 +17,26 @@ from vllm_adaspkv.errors import ConfigError
 IGNORE_INDEX = -100
 
 
+def _question_message(question: str) -> dict:
+    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+
+
 def question_prompt(processor, question: str) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor.apply_chat_template([_question_message(question)], add_generation_prompt=True)
+
+
+def answer_text(processor, question: str, answer: str) -> str:
+    """What the chat template writes after the generation prompt for this answer, up to and with the
+    end token: " red</s>" for the LLaVA-1.5 template, "red<|im_end|>" for ChatML."""
+    prompt = question_prompt(processor, question)
+    conversation = processor.apply_chat_template(
+        [_question_message(question), {"role": "assistant", "content": answer}])
+    eos = processor.tokenizer.eos_token
+    if not conversation.startswith(prompt) or eos not in conversation[len(prompt):]:
+        raise ConfigError("the chat template's conversation does not extend its generation prompt with "
+                          f"the answer and {eos!r}: the model cannot be trained on answers with it")
+    reply = conversation[len(prompt):]
+    return reply[:reply.index(eos) + len(eos)]
 
 
 def prompt_inputs(processor, batch: Sequence[Sample]) -> dict[str, torch.Tensor]:
@@ -36,14 +53,14 @@ def prompt_inputs(processor, batch: Sequence[Sample]) -> dict[str, torch.Tensor]
 
 
 def answer_batch(processor, batch: Sequence[Sample]) -> dict[str, torch.Tensor]:
-    """Prompt + " answer</s>", right-padded; labels only on the answer and the end token."""
+    """Prompt + answer + end token (as the chat template writes them), right-padded; labels only on the answer and the end token."""
     tokenizer = processor.tokenizer
     prompts = processor(
         images=[s.image for s in batch],
         text=[question_prompt(processor, s.question) for s in batch],
         add_special_tokens=False,
     )
-    answers = tokenizer([f" {s.answer}{tokenizer.eos_token}" for s in batch], add_special_tokens=False)
+    answers = tokenizer([answer_text(processor, s.question, s.answer) for s in batch], add_special_tokens=False)
     rows = [p + a for p, a in zip(prompts["input_ids"], answers["input_ids"])]
     width = max(map(len, rows))
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)

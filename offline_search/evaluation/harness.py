@@ -3,6 +3,7 @@ measured offline through transformers or through a running OpenAI-compatible ser
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,8 @@ import torch
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from offline_search.core.perplexity import perplexity, unigram_perplexity, window_nll, windows
+from offline_search.core.perplexity import (perplexity_standard_error, unigram_perplexity, window_mean_nll,
+                                            window_nll, windows)
 from offline_search.data import shapes_vqa
 from offline_search.data.calibration_data import text_tokens
 from offline_search.data.text_data import wikitext_path
@@ -33,6 +35,7 @@ class EvalConfig(StrictModel):
     artifact: PathText | None = None  # an adaspkv artifact over `model`: its masks are applied
     tasks: Annotated[tuple[Task, ...], AsTuple, Field(min_length=1)] = TASKS
     limit: Annotated[int, Field(ge=1)] | None = None  # at most this many WikiText windows / ShapesVQA questions
+    questions: Annotated[int, Field(ge=1, le=SHAPES_TEST_SIZE)] | None = None  # ShapesVQA questions (default: limit or all)
     server: ServerUrl | None = None  # an OpenAI-compatible server's base URL
     served_model: str | None = None  # the server's model name (default: its first model)
     seq_len: Annotated[int, Field(ge=2)] | None = None  # default: the model's max_position_embeddings
@@ -63,7 +66,7 @@ def evaluate(config: EvalConfig, model_dir: Path) -> dict:
     if "wikitext2" in config.tasks:
         results |= eval_wikitext2(backend, processor.tokenizer, seq_len, config.limit)
     if "shapesvqa" in config.tasks:
-        limit = min(config.limit or SHAPES_TEST_SIZE, SHAPES_TEST_SIZE)
+        limit = config.questions or min(config.limit or SHAPES_TEST_SIZE, SHAPES_TEST_SIZE)
         image_size = processor.image_processor.crop_size["height"]
         results |= eval_shapesvqa(backend, shapes_vqa.samples("test", limit, image_size))
     return results
@@ -109,9 +112,11 @@ def eval_wikitext2(backend, tokenizer, seq_len: int, limit: int | None) -> dict:
     train = text_tokens("wikitext2", tokenizer)  # the validation split
     chunks = windows(test, seq_len, limit)
     batches = list(chunks.split(backend.batch_size))
-    ppl = perplexity(backend.window_nll, tqdm(batches, desc="wikitext2", unit="batch"))
+    means = window_mean_nll(backend.window_nll, tqdm(batches, desc="wikitext2", unit="batch"))
     return {
-        "wikitext2_ppl": ppl,
+        "wikitext2_ppl": math.exp(float(means.mean())),
+        "wikitext2_ppl_se": perplexity_standard_error(means),
+        "wikitext2_window_nll": means.tolist(),  # per window: paired comparisons between runs
         "wikitext2_windows": chunks.shape[0],
         "wikitext2_seq_len": seq_len,
         "unigram_ppl": unigram_perplexity(train, test, len(tokenizer)),

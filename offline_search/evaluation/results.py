@@ -19,7 +19,7 @@ def format_table(results: dict) -> str:
     if "artifact" in results:
         rows.append(("artifact", results["artifact"]))
     if "wikitext2_ppl" in results:
-        rows += [("wikitext2 perplexity", f"{results['wikitext2_ppl']:.2f}"),
+        rows += [("wikitext2 perplexity", f"{results['wikitext2_ppl']:.2f} (standard error {results['wikitext2_ppl_se']:.2f})"),
                  ("  unigram baseline", f"{results['unigram_ppl']:.2f}"),
                  ("  windows x tokens", f"{results['wikitext2_windows']} x {results['wikitext2_seq_len']}")]
     if "shapesvqa_accuracy" in results:

@@ -11,6 +11,10 @@ the model card). These losses stand in for that pretraining:
   that name its shape and place ("red" + "circle" + "left" + "top"), so the language model reads
   an image token as it reads those words.
 - `norm_penalty`: keeps projected image tokens near the norm of those words.
+
+smol-llava's frozen, pretrained language model reads words far better than sums of them; its image
+tokens are aimed at one word each instead (`token_alignment_loss`), the 16 words of
+`shapes_vqa.caption_slots` in order, so that the image reads like "red circle top left no shape top right ...".
 """
 
 from __future__ import annotations
@@ -57,3 +61,16 @@ def alignment_loss(projected: torch.Tensor, targets: torch.Tensor, present: torc
 def norm_penalty(projected: torch.Tensor, target_norm: float) -> torch.Tensor:
     """Mean squared gap between each projected token's norm and `target_norm`. projected: [..., hidden]."""
     return ((projected.norm(dim=-1) - target_norm) ** 2).mean()
+
+
+def token_alignment_loss(projected: torch.Tensor, targets: torch.Tensor, norm_weight: float = 0.1) -> torch.Tensor:
+    """Mean (1 - cosine) between each projected image token and its own target word embedding, plus
+    `norm_weight` x the mean squared gap of their norms relative to the target's (so that a token also
+    has a word's size).
+
+    projected, targets: [batch, tokens, hidden].
+    """
+    cosine = F.cosine_similarity(projected, targets, dim=-1)  # [batch, tokens]
+    target_norm = targets.norm(dim=-1)
+    norm_gap = ((projected.norm(dim=-1) - target_norm) / target_norm) ** 2
+    return (1 - cosine).mean() + norm_weight * norm_gap.mean()

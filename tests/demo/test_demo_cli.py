@@ -116,10 +116,22 @@ def test_default_artifact_is_searched_once_per_model(tmp_path):
     out = default_artifact_dir(tmp_path, "shapes-llava")
     assert out == tmp_path / "artifacts" / "shapes-llava"
     assert default_artifact_dir(tmp_path, str(tmp_path / "my-llava/")) == tmp_path / "artifacts" / "my-llava"
-    command = search_command("shapes-llava", out, 3)
+    command = search_command("shapes-llava", SHAPES_LLAVA, out, 3)
     assert command[:3] == [sys.executable, "-m", "offline_search.cli.main"]
     assert command[3:] == ["search", "--model", "shapes-llava", "--sparsity", "0.5", "--kv-bits-budget", "6",
-                           "--trials", "3", "--out", str(out)]
+                           "--trials", "3", "--seq-len", "256", "--out", str(out)]  # its whole context
+
+
+def test_the_first_runs_search_caps_long_contexts(tmp_path):
+    import json
+
+    model = tmp_path / "long-context"
+    model.mkdir()
+    config = json.loads((SHAPES_LLAVA / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 8192  # smol-llava's
+    (model / "config.json").write_text(json.dumps(config))
+    command = search_command(str(model), model, tmp_path / "art", 3)
+    assert command[command.index("--seq-len") + 1] == "512"
 
 
 def test_an_existing_artifact_is_reused_and_a_foreign_one_refused(tmp_path, monkeypatch):
@@ -146,11 +158,12 @@ def test_artifact_choice(tmp_path):
     assert resolve_artifact(DemoConfig(artifact=str(art), workdir=tmp_path), SHAPES_LLAVA) == art
 
 
-def test_serve_args(tmp_path):
+def test_serve_args(tmp_path, small_family_dir):
     config = DemoConfig(workdir=tmp_path, kv_cache_memory_bytes=64 << 20)
+    # the dtype the checkpoint is stored in: vLLM's "auto" would serve float32 weights in 16 bits
     assert serve_args(config, SHAPES_LLAVA, plugin=True) == (
         "--plugin", "adaspkv", "--dtype", "float32", "--kv-cache-memory-bytes", str(64 << 20))
-    assert serve_args(config, tmp_path, plugin=False)[:2] == ("--dtype", "auto")
+    assert serve_args(config, small_family_dir, plugin=False)[:2] == ("--dtype", "bfloat16")
     assert serve_args(DemoConfig(workdir=tmp_path, dtype="bfloat16"), SHAPES_LLAVA, False)[1] == "bfloat16"
 
 

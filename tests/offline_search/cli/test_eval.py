@@ -1,7 +1,7 @@
 import pytest
 
 from offline_search.cli.main import main
-from offline_search.data.bundled_models import BUNDLED_MODELS, resolve_model
+from offline_search.data.bundled_models import SHAPES_LLAVA_DIR, resolve_model
 from offline_search.evaluation.harness import EvalConfig
 from vllm_adaspkv.errors import ConfigError
 
@@ -24,8 +24,8 @@ def test_eval_config_errors(kwargs, message):
 
 def test_resolve_model(tmp_path, tiny_llava_dir):
     assert resolve_model(tiny_llava_dir) == tiny_llava_dir
-    assert resolve_model("shapes-llava") == BUNDLED_MODELS["shapes-llava"]
-    with pytest.raises(ConfigError, match=r"model 'nope' is neither a bundled model \(shapes-llava\) nor a checkpoint directory"):
+    assert resolve_model("shapes-llava") == SHAPES_LLAVA_DIR
+    with pytest.raises(ConfigError, match=r"model 'nope' is neither a bundled model \(shapes-llava, smol-llava\) nor a checkpoint directory"):
         resolve_model("nope")
     with pytest.raises(ConfigError, match=r"neither a bundled model"):
         resolve_model(tmp_path)  # a directory without config.json

@@ -105,3 +105,12 @@ def test_compare_test_answers_scores_both_runs_against_the_test_questions():
     wrong = ["purple" if a != "purple" else "green" for a in answers]
     assert shapes_vqa.compare_test_answers(answers, wrong[:2] + answers[2:]) == (2, 0, 0.5)
     assert shapes_vqa.compare_test_answers(wrong, answers) == (0, 5, 0.0625)
+
+
+def test_caption_slots_name_every_quadrant_in_order():
+    scene = (shapes_vqa.Shape("circle", "red", 1, 1), shapes_vqa.Shape("cross", "blue", 0, 0))
+    assert shapes_vqa.caption_slots(scene) == (
+        "blue", "cross", "top", "left",
+        "no", "shape", "top", "right",
+        "no", "shape", "bottom", "left",
+        "red", "circle", "bottom", "right")

@@ -39,3 +39,14 @@ def test_patch_probe_loss_is_low_for_a_probe_that_is_right():
     right = probe.loss(features, torch.tensor([[[0, 0], [1, 1]]]))
     wrong = probe.loss(features, torch.tensor([[[1, 1], [0, 0]]]))
     assert right.item() < 1e-3 < 10 < wrong.item()
+
+
+def test_token_alignment_loss_is_one_minus_cosine_plus_the_relative_norm_gap():
+    from offline_search.kit.grounding import token_alignment_loss
+
+    targets = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])  # [1 batch, 2 tokens, 2]
+    same_way_same_size = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])
+    assert token_alignment_loss(same_way_same_size, targets).item() == pytest.approx(0.0)
+    # token 0: same way, twice the size (relative gap 1); token 1: opposite way, same size (cosine -1)
+    projected = torch.tensor([[[4.0, 0.0], [0.0, -1.0]]])
+    assert token_alignment_loss(projected, targets, norm_weight=0.5).item() == pytest.approx((0 + 2) / 2 + 0.5 * (1 + 0) / 2)
