@@ -13,7 +13,7 @@ from offline_search.core.masks import parse_nm
 from offline_search.core.metrics import METRICS
 from offline_search.model.calibration import CalibrationConfig
 from offline_search.model.objective import OBJECTIVES, ObjectiveConfig
-from offline_search.search.config import ALLOCATIONS, DEVICES, KV_SEARCHES, WARM_STARTS, CompressConfig
+from offline_search.search.config import ALLOCATIONS, COMPARISONS, DEVICES, KV_SEARCHES, WARM_STARTS, CompressConfig
 from vllm_adaspkv.errors import ConfigError
 from vllm_adaspkv.format import KEY_ROTATIONS
 from vllm_adaspkv.kv.quant import KV_BITS
@@ -39,6 +39,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, allocations: tuple[str
     parser.add_argument("--amia", action="store_true",
                         help="TAMP's adaptive multimodal input activation: only selected tokens feed "
                              "the activation norms of wanda / lognorm")
+    parser.add_argument("--comparison", choices=COMPARISONS, default=None,
+                        help="weights compete inside their output row (Wanda's, lognorm's default) or in the "
+                             "whole matrix (magnitude's default)")
     parser.add_argument("--kv-bits", type=int, default=16, choices=KV_BITS,
                         help="KV-cache bits of every decoder layer when they are not searched (default: %(default)s)")
     parser.add_argument("--kv-group", type=int, default=32,
@@ -132,7 +135,7 @@ def config_from_args(args: argparse.Namespace) -> CompressConfig:
         blocks=getattr(args, "blocks", None), trials=getattr(args, "trials", 1),
         storage=getattr(args, "storage", None), study_name=getattr(args, "study_name", None),
         worker=getattr(args, "worker", False), heartbeat_s=getattr(args, "heartbeat_interval", 30.0),
-        seed=args.seed, warm_start=warm, amia=args.amia, objective=objective, calibration=calibration,
+        seed=args.seed, warm_start=warm, amia=args.amia, comparison=args.comparison, objective=objective, calibration=calibration,
         full_checkpoint=args.full_checkpoint, pack=args.pack, cache_dir=args.cache_dir, device=args.device,
         kv_bits=args.kv_bits, kv_group=args.kv_group, kv_key_rotation=args.kv_key_rotation,
         **_kv_search_args(args))

@@ -28,9 +28,11 @@ class Pruner:
 
     def __init__(self, model, weights: CheckpointWeights, stats: dict[str, dict], metric: str,
                  nm: tuple[int, int] | None = None, amia: bool = False, ranked: bool = False,
-                 hessians: Callable[[str], torch.Tensor] | None = None, progress: bool = False):
+                 hessians: Callable[[str], torch.Tensor] | None = None, progress: bool = False,
+                 per_row: bool | None = None):
         self.linears = model_linears(model)  # mask key -> nn.Linear
         self.weights, self.metric, self.nm, self.stats = weights, metric, nm, stats
+        self.per_row = PER_ROW[metric] if per_row is None else per_row  # the comparison group
         self.in_sq_name = "amia_in_sq" if amia else "in_sq"
         missing = [key for key in self.linears if key not in weights]
         if missing:
@@ -51,7 +53,7 @@ class Pruner:
                 if nm:
                     self._fixed_masks[key] = nm_keep_mask(scores, *nm)
                 else:
-                    self._codes[key] = rank_codes(scores, PER_ROW[metric])
+                    self._codes[key] = rank_codes(scores, self.per_row)
                     if metric == "lognorm":
                         self._norms[key] = lognorm_norms(dense.abs().float())
 
@@ -94,7 +96,7 @@ class Pruner:
             in_sq = self._in_sq(key)
             return mask_from_codes(self._codes[key], dense.shape, sparsity,
                                    lambda flat: scores_at(self.metric, dense, in_sq, flat, self._norms.get(key)))
-        return keep_mask(self.scores(key, dense), sparsity, PER_ROW[self.metric])
+        return keep_mask(self.scores(key, dense), sparsity, self.per_row)
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -45,7 +45,7 @@ def compress(config: CompressConfig) -> Path | None:
     print(f"calibration statistics {'reused from' if hit else 'written to'} {cache_file}")
     pruner = Pruner(model, weights, stats, config.metric, config.nm, config.amia,
                     ranked=config.allocation == "tpe" and rank_codes_fit(model), hessians=HessianStore(cache_file).get,
-                    progress=config.show_progress)
+                    progress=config.show_progress, per_row=config.per_row)
     objective = Objective(model, processor, config.objective)
     start = time.perf_counter()
     dense_value = objective()

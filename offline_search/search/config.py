@@ -9,7 +9,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import Field, field_validator, model_validator
 
 from offline_search.core.kv_plans import check_choices
-from offline_search.core.metrics import Metric
+from offline_search.core.metrics import PER_ROW, Metric
 from offline_search.model.calibration import CalibrationConfig
 from offline_search.model.objective import ObjectiveConfig
 from vllm_adaspkv.errors import ConfigError
@@ -24,6 +24,8 @@ KVSearch = Literal["none", "split", "budget", "pareto"]
 KV_SEARCHES: tuple[str, ...] = get_args(KVSearch)
 WarmStart = Literal["owl", "das"]
 WARM_STARTS: tuple[str, ...] = get_args(WarmStart)
+Comparison = Literal["row", "matrix"]
+COMPARISONS: tuple[str, ...] = get_args(Comparison)
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[str, ...] = get_args(Device)
 DEFAULT_BLOCKS = 8
@@ -43,6 +45,7 @@ class CompressConfig(StrictModel):
     seed: int = 0
     warm_start: WarmStart | None = None  # enqueue the OWL or DAS plan after the uniform one
     amia: bool = False  # TAMP's token selection feeds the activation norms
+    comparison: Comparison | None = None  # weights compete in their output row or the whole matrix; None: the metric's
     radius: Annotated[float, Field(gt=0.0)] = 0.05  # block sparsities S - radius ... S + radius
     step: Annotated[float, Field(gt=0.0)] = 0.025
     objective: ObjectiveConfig = ObjectiveConfig()
@@ -86,6 +89,9 @@ class CompressConfig(StrictModel):
             raise ValueError("--worker runs search trials: it needs --allocation tpe or --kv-search")
         if self.warm_start is not None and self.allocation != "tpe":
             raise ValueError("--warm-start seeds a TPE search: use it with --allocation tpe")
+        if self.comparison is not None and (self.nm is not None or self.metric == "sparsegpt"):
+            raise ValueError(f"--comparison {self.comparison} chooses among scores; "
+                             f"{'N:M structure' if self.nm else 'SparseGPT'} fixes its own groups")
         if self.amia and self.metric not in ("wanda", "lognorm"):
             raise ValueError(f"--amia selects the tokens of Wanda's and lognorm's activation term; "
                              f"metric {self.metric!r} has none")
@@ -101,6 +107,11 @@ class CompressConfig(StrictModel):
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
         return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+
+    @property
+    def per_row(self) -> bool:
+        """Whether weights compete only inside their output row (Wanda's comparison group)."""
+        return PER_ROW[self.metric] if self.comparison is None else self.comparison == "row"
 
     @property
     def searches(self) -> bool:
@@ -130,6 +141,7 @@ class CompressConfig(StrictModel):
         kv = "" if self.kv_search == "none" else f"-kv{self.kv_search}{self.kv_bits_budget or ''}"
         weights = f"s{self.sparsity:g}-b{self.blocks}" if self.allocation == "tpe" else f"s{self.sparsity:g}-{self.allocation}"
         nm = f"-{self.nm[0]}of{self.nm[1]}" if self.nm else ""
+        nm += f"-{self.comparison}" if self.comparison else ""
         warm = f"-warm{self.warm_start}" if self.warm_start else ""
         return f"adaspkv-{model_sha256[:12]}-{self.metric}-{weights}{nm}{warm}{kv}-seed{self.seed}"
 
@@ -144,4 +156,5 @@ class CompressConfig(StrictModel):
                 "objective": self.objective.describe(), "calibration": repr(self.calibration),
                 "allocation": self.allocation, "kv_search": self.kv_search, "kv_bits_budget": self.kv_bits_budget,
                 "kv_choices": list(self.kv_choices), "kv_group": self.kv_group,
-                "kv_key_rotation": self.kv_key_rotation}
+                "kv_key_rotation": self.kv_key_rotation,
+                **({"comparison": self.comparison} if self.comparison else {})}  # studies from before it resume

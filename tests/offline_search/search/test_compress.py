@@ -10,6 +10,7 @@ import vllm_adaspkv.format as art
 from offline_search.cli.main import main
 from offline_search.data.checkpoint import CheckpointWeights, load_llava
 from offline_search.model.calibration import CalibrationConfig, calibrate
+from offline_search.model.llava import model_linears
 from offline_search.model.pruner import Pruner
 
 
@@ -51,6 +52,20 @@ def test_a_search_pruner_masks_from_one_byte_codes_as_a_single_prune_does(tiny_l
     expected = Pruner(model, weights, stats, metric).apply(plan)
     got = ranked.apply(plan)
     assert all(torch.equal(got[key], expected[key]) for key in plan)
+
+
+def test_the_comparison_group_decides_where_weights_compete(tiny_llava_dir):
+    model, processor = load_llava(tiny_llava_dir)
+    stats = calibrate(model, processor, CalibrationConfig(text_windows=1, image_samples=1), show_progress=False)
+    weights = CheckpointWeights(tiny_llava_dir)
+    plan = dict.fromkeys(model_linears(model), 0.5)
+    by_row = Pruner(model, weights, stats, "wanda").apply(plan)  # Wanda's own: per output row
+    by_matrix = Pruner(model, weights, stats, "wanda", per_row=False).apply(plan)
+    key = next(iter(plan))
+    rows = by_row[key].sum(dim=1)
+    assert (rows.max() - rows.min()).item() <= 1  # every row keeps half
+    assert (by_matrix[key].sum(dim=1).max() - by_matrix[key].sum(dim=1).min()).item() > 1
+    assert by_row[key].sum() == by_matrix[key].sum()
 
 
 def test_prune_writes_a_valid_artifact(tiny_llava_dir, tmp_path, capsys):
