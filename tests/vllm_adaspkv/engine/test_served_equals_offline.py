@@ -12,7 +12,7 @@ from tests.vllm_adaspkv.artifacts import make_artifact
 from vllm_adaspkv.format import read_geometry
 
 pytestmark = pytest.mark.slow
-LIMIT = 48  # ShapesVQA questions and WikiText-2 windows
+LIMIT = {"shapes-llava": 48, "smol-llava": 16}  # ShapesVQA questions and WikiText-2 windows
 
 
 @pytest.mark.parametrize("oracle", ["shapes-llava", "smol-llava"])
@@ -20,8 +20,9 @@ def test_served_answers_and_logprobs_equal_offline(oracle, tmp_path, vllm_env, r
     # smol-llava: SmolLM2's real activations (residuals in the tens of thousands), windows of 256 of its 8192
     model_dir = resolve_model("shapes-llava") if oracle == "shapes-llava" else request.getfixturevalue("smol_llava_dir")
     seq_len = None if oracle == "shapes-llava" else 256
+    limit = LIMIT[oracle]
     artifact = make_artifact(tmp_path / "art", model_dir, [4] * read_geometry(model_dir).num_layers, sparsity=0.5)
-    offline = evaluate(EvalConfig(model=oracle, artifact=str(artifact), limit=LIMIT, batch_size=16, seq_len=seq_len),
+    offline = evaluate(EvalConfig(model=oracle, artifact=str(artifact), limit=limit, batch_size=16, seq_len=seq_len),
                        model_dir)
     context = offline["wikitext2_seq_len"]  # a prompt-logprob request over a full window generates one token
     config = ServerConfig(model=str(artifact), log_file=tmp_path / "serve.log", startup_timeout_s=600,
@@ -29,15 +30,15 @@ def test_served_answers_and_logprobs_equal_offline(oracle, tmp_path, vllm_env, r
                           extra_args=("--plugin", "adaspkv", "--dtype", "float32", "--kv-cache-memory-bytes",
                                       str(64 << 20), "--max-model-len", str(context + 1)))
     with VllmServer(config) as server:
-        served = evaluate(EvalConfig(model=oracle, server=server.base_url, limit=LIMIT, seq_len=seq_len), model_dir)
+        served = evaluate(EvalConfig(model=oracle, server=server.base_url, limit=limit, seq_len=seq_len), model_dir)
     log = config.log_file.read_text()
     assert "quantized KV cache on CPU: C++ kernels" in log  # the plugin's cache, not vLLM's
     assert served["shapesvqa_predictions"] == offline["shapesvqa_predictions"]
     # the same windows, scored token by token: log-probabilities equal to float32 rounding
-    assert served["wikitext2_windows"] == offline["wikitext2_windows"] == LIMIT
+    assert served["wikitext2_windows"] == offline["wikitext2_windows"] == limit
     assert served["wikitext2_ppl"] == pytest.approx(offline["wikitext2_ppl"], rel=1e-4)
     assert offline["wikitext2_ppl"] != pytest.approx(evaluate(  # and the artifact is not the dense model
-        EvalConfig(model=oracle, tasks=("wikitext2",), limit=LIMIT, seq_len=seq_len), model_dir)["wikitext2_ppl"],
+        EvalConfig(model=oracle, tasks=("wikitext2",), limit=limit, seq_len=seq_len), model_dir)["wikitext2_ppl"],
         rel=1e-3)
 
 
