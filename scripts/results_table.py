@@ -1,5 +1,6 @@
-"""The results tables of a bundled oracle: pruning methods at 50% sparsity (--table pruning) and per-layer
-KV-cache bits (--table kv), on shapes-llava or smol-llava (--model).
+"""The results tables of a bundled oracle: pruning methods at 50% sparsity (--table pruning), per-layer
+KV-cache bits (--table kv) and the ablation of the activation-aware metrics' accuracy loss (--table
+ablation), on shapes-llava or smol-llava (--model).
 
 Runs every row through the product's own commands (`adaspkv prune` / `adaspkv search`, then
 `adaspkv eval --artifact`), one after the other on this machine, and writes
@@ -41,8 +42,9 @@ SETTINGS = {
 TITLES = {
     "pruning": "{model}, 50% sparsity of the language-model linears",
     "kv": "{model}, per-layer KV-cache bits (simulated with the serving quantizer, group 32)",
+    "ablation": "{model}, 50% uniform: what costs the activation-aware metrics ShapesVQA accuracy",
 }
-PPL_DIGITS = {"pruning": 2, "kv": 4}  # KV plans differ in the third decimal of perplexity
+PPL_DIGITS = {"pruning": 2, "kv": 4, "ablation": 2}  # KV plans differ in the third decimal of perplexity
 
 
 def kv_rows(model: str, trials: int, seeds: list[int]) -> list[tuple[str, str, list[str] | None]]:
@@ -86,6 +88,26 @@ def pruning_rows(model: str, trials: int, seeds: list[int]) -> list[tuple[str, s
     return table
 
 
+def ablation_rows(model: str, trials: int, seeds: list[int]) -> list[tuple[str, str, list[str] | None]]:
+    """Why the activation-aware metrics lose ShapesVQA accuracy: each row changes one thing of a uniform
+    50% Wanda / lognorm prune (the calibration mix, the group weights compete in, AMIA), with magnitude
+    compared per row as well as per matrix (its default)."""
+    prune = ["prune", "--model", model, "--sparsity", "0.5"]
+    table = [("dense", "dense", None),
+             ("magnitude-uniform", "magnitude (weights compete per matrix)", [*prune, "--metric", "magnitude"]),
+             ("magnitude-row", "magnitude, per row", [*prune, "--metric", "magnitude", "--comparison", "row"])]
+    for metric in ("wanda", "lognorm"):
+        table += [
+            (f"{metric}-uniform", f"{metric} (text + image calibration, per row)", [*prune, "--metric", metric]),
+            (f"{metric}-images-only", f"{metric}, image conversations only",
+             [*prune, "--metric", metric, "--calibration-text", "none"]),
+            (f"{metric}-text-only", f"{metric}, text only", [*prune, "--metric", metric, "--calibration-images", "none"]),
+            (f"{metric}-matrix", f"{metric}, per matrix", [*prune, "--metric", metric, "--comparison", "matrix"]),
+            (f"{metric}-amia", f"{metric} + AMIA", [*prune, "--metric", metric, "--amia"]),
+        ]
+    return table
+
+
 def seeded(row: str, label: str, command: list[str], seeds: list[int]) -> list[tuple[str, str, list[str]]]:
     """One row per seed; seed 0 keeps the plain row id (the rows measured before seeds were added)."""
     return [(row if seed == 0 else f"{row}-seed{seed}", f"{label}, seed {seed}", [*command, "--seed", str(seed)])
@@ -112,7 +134,7 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     args.workdir = args.workdir or REPO / "runs" / f"{args.model}-{args.table}-table"
     settings = SETTINGS[args.model]
-    table = {"pruning": pruning_rows, "kv": kv_rows}[args.table](args.model, args.trials, seeds)
+    table = {"pruning": pruning_rows, "kv": kv_rows, "ablation": ablation_rows}[args.table](args.model, args.trials, seeds)
     out = REPO / "results" / args.model / args.table
     out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -20,15 +20,19 @@ def script():
     return module
 
 
-@pytest.mark.parametrize("table", ["pruning", "kv"])
+@pytest.mark.parametrize("table", ["pruning", "kv", "ablation"])
 def test_rows_are_unique_and_searches_run_once_per_seed(script, table):
-    rows = {"pruning": script.pruning_rows, "kv": script.kv_rows}[table]("smol-llava", 20, [0, 1, 2])
+    rows = {"pruning": script.pruning_rows, "kv": script.kv_rows, "ablation": script.ablation_rows}[table](
+        "smol-llava", 20, [0, 1, 2])
     ids = [row for row, _, _ in rows]
     assert len(ids) == len(set(ids))
     assert rows[0] == ("dense", rows[0][1], None)
-    assert {"lognorm-tpe", "lognorm-tpe-seed1", "lognorm-tpe-seed2"} <= set(ids) or table == "kv"
+    assert {"lognorm-tpe", "lognorm-tpe-seed1", "lognorm-tpe-seed2"} <= set(ids) or table != "pruning"
     if table == "kv":
         assert {"uniform4", "search4_5", "search4_5-seed1", "search4_5-seed2", "search6-seed2"} <= set(ids)
+    if table == "ablation":  # one change a row
+        assert dict((r, c[c.index("--metric"):]) for r, _, c in rows[1:])["wanda-images-only"] == [
+            "--metric", "wanda", "--calibration-text", "none"]
     for row, label, command in rows[1:]:
         assert command[command.index("--model") + 1] == "smol-llava"
         if "-seed" in row:

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 # The first 4 windows of 256 tokens of WikiText-2 test, float32 (measured with SmolLM2 alone, below).
 COMMITTED_PPL_4X256 = 27.1699  # adaspkv eval --model smol-llava --tasks wikitext2 --limit 4 --seq-len 256
 QUESTIONS = 100
+SERVED_QUESTIONS = 48  # the first of them, asked again through stock vLLM
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,9 @@ def test_stock_vllm_serves_the_same_answers_and_perplexity(model_dir, dense, vll
                                       "--max-model-len", "1024"),
                           env=vllm_env, startup_timeout_s=600)
     with VllmServer(config) as server:
-        served = evaluate(EvalConfig(model=str(model_dir), limit=4, seq_len=256, questions=QUESTIONS,
+        served = evaluate(EvalConfig(model=str(model_dir), limit=4, seq_len=256, questions=SERVED_QUESTIONS,
                                      server=server.base_url), model_dir)
+    assert len(served["shapesvqa_predictions"]) == SERVED_QUESTIONS
     agree = sum(a == b for a, b in zip(dense["shapesvqa_predictions"], served["shapesvqa_predictions"]))
-    assert agree / QUESTIONS >= 0.97
+    assert agree / SERVED_QUESTIONS >= 0.97
     assert math.isclose(served["wikitext2_ppl"], dense["wikitext2_ppl"], rel_tol=1e-3)

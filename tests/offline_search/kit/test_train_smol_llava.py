@@ -1,3 +1,4 @@
+import copy
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,17 @@ def test_cosine_lr_warms_up_then_decays_to_zero():
 @pytest.mark.slow
 def test_a_killed_run_resumes_to_the_weights_of_an_unbroken_one(tmp_path, monkeypatch):
     torch.set_num_threads(1)  # the same kernels in both runs: bitwise-comparable weights
+    real_build, built = train_smol_llava.build_smol_llava, {}
+
+    def build_once(spec, seed):  # SmolLM2 read from its GGUF file once, not in each of the three runs
+        if seed not in built:
+            model_and_processor = real_build(spec, seed)
+            built[seed] = (model_and_processor, torch.get_rng_state())
+        (model, processor), rng = built[seed]
+        torch.set_rng_state(rng)  # as it is after a fresh build: the probe's initialisation draws from it
+        return copy.deepcopy(model), processor
+
+    monkeypatch.setattr(train_smol_llava, "build_smol_llava", build_once)
     settings = dict(probe_steps=3, align_steps=2, answer_steps=1, image_batch=4, vqa_batch=2, caption_batch=1,
                     checkpoint_every=1, validate_every=1000)
     unbroken = read_vision(train(SmolTrainConfig(out_dir=tmp_path / "a", **settings)))
