@@ -102,6 +102,14 @@ def patch_shapes(shapes: tuple[Shape, ...], grid: int) -> list[Shape | None]:
     return [by_place.get((2 * column // grid, 2 * row // grid)) for row in range(grid) for column in range(grid)]
 
 
+def patch_labels(shapes: tuple[Shape, ...], grid: int) -> list[tuple[int, int]]:
+    """(kind index, colour index) of the shape in each patch's quadrant, (len(KINDS), len(COLOURS)) where
+    empty: the targets of the trainers' patch probe (`grounding.PatchProbe`)."""
+    colours = list(COLOURS)
+    return [(KINDS.index(s.kind), colours.index(s.colour)) if s else (len(KINDS), len(colours))
+            for s in patch_shapes(shapes, grid)]
+
+
 def naming_words(shape: Shape) -> tuple[str, str, str, str]:
     """The words that name a shape and its place: ("red", "circle", "left", "top")."""
     return shape.colour, shape.kind, ("left", "right")[shape.column], ("top", "bottom")[shape.row]

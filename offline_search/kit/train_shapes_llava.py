@@ -125,9 +125,7 @@ class Grounding:
         hidden] (projector output); embeddings: [vocab, hidden], the targets (no gradient)."""
         cells = [shapes_vqa.patch_shapes(s.shapes, self.grid) for s in batch]
         present = torch.tensor([[c is not None for c in row] for row in cells])  # [batch, patches]
-        empty_kind, empty_colour = len(shapes_vqa.KINDS), len(shapes_vqa.COLOURS)
-        labels = torch.tensor([[(shapes_vqa.KINDS.index(c.kind), list(shapes_vqa.COLOURS).index(c.colour))
-                                if c else (empty_kind, empty_colour) for c in row] for row in cells])
+        labels = torch.tensor([shapes_vqa.patch_labels(s.shapes, self.grid) for s in batch])  # [batch, patches, 2]
         word_ids = torch.tensor([[[self.word_id[w] for w in shapes_vqa.naming_words(c)] if c else [0] * 4  # empty: masked out
                                   for c in row] for row in cells])  # [batch, patches, 4]
         targets = grounding.word_targets(embeddings.detach(), word_ids, present)

@@ -111,10 +111,7 @@ class SmolTrainer:
 
     def probe_loss(self, batch, hidden_states) -> torch.Tensor:
         grid = self.config.spec.image_size // self.config.spec.patch_size
-        cells = [shapes_vqa.patch_shapes(s.shapes, grid) for s in batch]
-        none = (len(shapes_vqa.KINDS), len(shapes_vqa.COLOURS))
-        labels = torch.tensor([[(shapes_vqa.KINDS.index(c.kind), list(shapes_vqa.COLOURS).index(c.colour)) if c else none
-                                for c in row] for row in cells])  # [batch, patches, 2]
+        labels = torch.tensor([shapes_vqa.patch_labels(s.shapes, grid) for s in batch])  # [batch, patches, 2]
         return self.probe.loss(hidden_states[self.config.probe_layer][:, 1:], labels)
 
     def alignment_loss(self, batch, projected: torch.Tensor) -> torch.Tensor:
