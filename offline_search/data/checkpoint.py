@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from offline_search.data.sharded_safetensors import StoredTensor, read_header
+from vllm_adaspkv.format.safetensors_stream import StoredTensor, read_header
 from vllm_adaspkv.errors import ConfigError
-from vllm_adaspkv.format import MASK_FILE, canonical_key, parse_mask_key
+from vllm_adaspkv.format import canonical_key, checkpoint_files, parse_mask_key
 
 # transformers 5 prefix -> llava-hf prefix, first match wins.
 _TO_LLAVA_HF = (
@@ -81,9 +81,7 @@ class CheckpointWeights:
     def __init__(self, model_dir: str | Path):
         self.model_dir = Path(model_dir)
         self._where: dict[str, tuple[Path, StoredTensor]] = {}  # canonical key -> (file, tensor)
-        for path in sorted(self.model_dir.glob("*.safetensors")):
-            if path.name == MASK_FILE:
-                continue
+        for path in checkpoint_files(self.model_dir):
             for name, stored in read_header(path).items():
                 self._where[canonical_key(name)] = (path, stored)
         if not self._where:

@@ -73,8 +73,10 @@ def evaluate(config: EvalConfig, model_dir: Path) -> dict:
 
 
 def load_model(model_dir: Path, artifact: str | None):
-    """The transformers LLaVA, with the artifact's masks (or its pruned checkpoint) when given."""
+    """The transformers LLaVA, with the artifact's masks (or its packed linears, or its pruned checkpoint)
+    when given."""
     import vllm_adaspkv.format as art
+    from vllm_adaspkv.sparse.packing import unpack
     from offline_search.data.checkpoint import load_llava
 
     if artifact is None:
@@ -95,6 +97,14 @@ def load_model(model_dir: Path, artifact: str | None):
         for key, linear in linears.items():
             zeros.observe(key, linear.weight)
         zeros.check(source)
+        return model
+    if plan.packed_weights:  # the pruned linears themselves, stored packed
+        weights = art.PackedWeights(artifact, plan)
+        art.check_mask_shapes(weights.shapes, {key: tuple(m.weight.shape) for key, m in linears.items()},
+                              str(weights.path))
+        with torch.no_grad():
+            for key in weights.keys():
+                linears[key].weight.copy_(unpack(weights.get(key)))
         return model
     if not (Path(artifact) / art.MASK_FILE).is_file() and not any(
             s for layer in plan.layers for s in layer.sparsity.values()):

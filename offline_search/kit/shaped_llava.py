@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from offline_search.data.checkpoint import to_llava_hf_name
-from offline_search.data.sharded_safetensors import TensorSpec, write_sharded
+from offline_search.data.sharded_safetensors import write_sharded
 from offline_search.kit.tiny_llava import CHAT_TEMPLATE, IMAGE_TOKEN
+from vllm_adaspkv.format.safetensors_stream import TensorSpec
 
 PAD_TOKEN = "<pad>"
 BASE_SPECIALS = ("<unk>", "<s>", "</s>")  # Llama's ids 0, 1, 2

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from offline_search.data.checkpoint import save_llava_checkpoint
-from offline_search.model.llava import model_geometry
+from offline_search.model.llava import model_geometry, model_linears
 from offline_search.search.config import CompressConfig
 from offline_search.search.report import write_report
 from vllm_adaspkv.format import (LINEARS, BaseCheckpoint, Evaluation, KVQuantScheme, LayerPlan, Plan, Provenance,
@@ -32,8 +32,9 @@ def export_artifact(config: CompressConfig, model, processor, model_dir: Path, b
     crash on the way (a checkpoint of 14 GB takes a while) leaves a folder that is no artifact, never
     one whose plan describes other files."""
     out = retract_artifact(config.out)
-    # SparseGPT changes the kept weights too: masks over the base model cannot reproduce it.
-    full = config.full_checkpoint or config.metric == "sparsegpt"
+    # SparseGPT changes the kept weights too: masks over the base model cannot reproduce it, the full
+    # checkpoint or the packed weights (which hold the kept values themselves) can.
+    full = config.full_checkpoint or (config.metric == "sparsegpt" and not config.pack)
     checkpoint_sha256 = None
     if full:
         save_llava_checkpoint(model, processor, out)
@@ -42,6 +43,7 @@ def export_artifact(config: CompressConfig, model, processor, model_dir: Path, b
     for mask in masks.values():  # one pass, one mask unpacked at a time (PackedMaskMap)
         zeroed, total = zeroed + int((~mask).sum()), total + mask.numel()
     mean_sparsity = zeroed / total
+    packed = config.pack and zeroed > 0  # a KV-only plan has no pruned weight to pack
     plan = Plan(
         # relative: an artifact moved together with its base model (or copied beside it) still finds it
         base_model=BaseCheckpoint(path=os.path.relpath(Path(model_dir).resolve(), out.resolve()), sha256=base_sha256),
@@ -50,10 +52,18 @@ def export_artifact(config: CompressConfig, model, processor, model_dir: Path, b
         metric=config.metric, structure=config.structure,
         allocation=config.allocation + ("+amia" if config.amia else ""),
         full_checkpoint=full, checkpoint_sha256=checkpoint_sha256, provenance=provenance,
-        weight_format="packed" if config.pack else "masked",
+        weight_format="packed" if config.pack else "masked", packed_weights=packed,
         evaluation=Evaluation(**evaluation, mean_sparsity=mean_sparsity))
     write_report(out, plan, model_geometry(model), study)
-    write_artifact(out, plan, masks if zeroed else None)  # a KV-only plan needs no masks
+    linears = model_linears(model)
+    write_artifact(out, plan, masks if zeroed else None,  # a KV-only plan needs no masks
+                   weight=lambda key: linears[key].weight.detach().cpu())
+    stored = ", with the pruned checkpoint" if full else ", linears packed" if packed else ""
     print(f"artifact written to {out} (mean sparsity {mean_sparsity:.4f}, mean KV bits {plan.mean_kv_bits():g}"
-          f"{', with the pruned checkpoint' if full else ''})")
+          f"{stored}; {artifact_bytes(out) / 2**20:.1f} MiB on disk)")
     return out
+
+
+def artifact_bytes(out: Path) -> int:
+    """The artifact's size on disk: its own files, not the base model it points at."""
+    return sum(path.stat().st_size for path in Path(out).rglob("*") if path.is_file())

@@ -32,8 +32,9 @@ def linear_weights(model_dir: Path) -> dict:
 
 
 def make_artifact(out: Path, model_dir: Path, kv_bits: list[int], sparsity: float = 0.0, group: int = 32,
-                  key_rotation: str = "none", weight_format: str = "masked") -> Path:
-    """Every linear pruned to `sparsity` by magnitude (exact counts), KV bits per layer as given."""
+                  key_rotation: str = "none", weight_format: str = "masked", packed_weights: bool = False) -> Path:
+    """Every linear pruned to `sparsity` by magnitude (exact counts), KV bits per layer as given; with
+    `packed_weights` the pruned linears are stored packed instead of as masks."""
     weights = linear_weights(model_dir)
     masks = {mask_key(i, name): keep_mask(weights[mask_key(i, name)].abs(), sparsity)
              for i in range(len(kv_bits)) for name in LINEARS} if sparsity else {}
@@ -42,8 +43,9 @@ def make_artifact(out: Path, model_dir: Path, kv_bits: list[int], sparsity: floa
                    for i, bits in enumerate(kv_bits))
     plan = Plan(base_model=BaseCheckpoint(path=str(Path(model_dir).resolve()), sha256=model_sha256(model_dir)),
                 layers=layers, metric="magnitude" if sparsity else "none",
-                kv_quant=KVQuantScheme(group_size=group, key_rotation=key_rotation), weight_format=weight_format)
-    return write_artifact(out, plan, masks or None)
+                kv_quant=KVQuantScheme(group_size=group, key_rotation=key_rotation), weight_format=weight_format,
+                packed_weights=packed_weights)
+    return write_artifact(out, plan, masks or None, weight=lambda key: weights[key] * masks[key])
 
 
 def num_layers(model_dir: Path) -> int:

@@ -18,8 +18,8 @@ from vllm_adaspkv.engine.attention_backend import backend_for
 from vllm_adaspkv.engine.packed_linears import install_packed_linears, packed_modules
 from vllm_adaspkv.engine.serving_plan import ServedArtifact, describe_artifact, kv_formats, startup_table
 from vllm_adaspkv.engine.settings import ADDITIONAL_CONFIG_KEY, served_artifact_path, served_model_dir
-from vllm_adaspkv.format import PLAN_FILE, ArtifactError, PackedMasks, ZeroCount, canonical_key, mask_weight
-from vllm_adaspkv.sparse import packing
+from vllm_adaspkv.engine.weight_stream import ArtifactWeights
+from vllm_adaspkv.format import ArtifactError
 
 logger = logging.getLogger("vllm.adaspkv")
 
@@ -76,34 +76,10 @@ class AdaspkvLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Masks the Hugging Face weight stream before vLLM fuses q/k/v and gate/up and slices for
-        tensor parallelism, and checks every linear's zeros against the plan. Each mask is unpacked
-        as its weight streams in and dropped after it: one weight's mask in memory, never all.
-        A weight of a module served packed is packed here (from its mask, or from its zeros in a full
-        checkpoint) and kept from vLLM's dense parameter."""
-        served = self.served
-        masks = PackedMasks(served.artifact_dir, served.plan) if served.has_masks else {}
-        unused = set(masks.keys())
-        zeros = ZeroCount(served.plan)
-        to_pack = {key for keys in self.packed_modules.values() for key in keys}
-        parts: dict[str, packing.PackedWeight] = {}
-
-        def masked(stream):
-            for name, weight in stream:
-                key = canonical_key(name)
-                mask = None
-                if key in masks:
-                    mask = masks.get(key)
-                    weight = mask_weight(weight, mask)
-                    unused.discard(key)
-                zeros.observe(key, weight)
-                if key in to_pack:
-                    parts[key] = packing.pack(weight, weight != 0 if mask is None else mask)
-                    continue
-                yield name, weight
-
-        loaded = super().load_weights(masked(weights))
-        if unused:
-            raise ArtifactError(f"{served.artifact_dir}: masks for weights the checkpoint does not have: "
-                                f"{sorted(unused)[:3]}")
-        zeros.check(str(served.artifact_dir / PLAN_FILE))
-        return loaded | install_packed_linears(self, self.packed_modules, parts)
+        tensor parallelism (or replaces its pruned weights by the artifact's packed ones), and checks
+        every linear's zeros against the plan (`ArtifactWeights`). The weights of modules served packed
+        are kept from vLLM's dense parameters and installed packed."""
+        artifact = ArtifactWeights(self.served, {key for keys in self.packed_modules.values() for key in keys})
+        loaded = super().load_weights(artifact.stream(weights))
+        artifact.check()
+        return loaded | install_packed_linears(self, self.packed_modules, artifact.packed)

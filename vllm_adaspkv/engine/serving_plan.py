@@ -19,6 +19,7 @@ from vllm_adaspkv.format import (
     ArtifactError,
     ModelGeometry,
     PackedMasks,
+    PackedWeights,
     Plan,
     base_model_dir,
     check_base_model,
@@ -47,8 +48,10 @@ class ServedArtifact:
 
     @property
     def has_masks(self) -> bool:
-        """Whether the weights must be masked at load (a full checkpoint carries its zeros itself)."""
-        return not self.plan.full_checkpoint and any(any(layer.sparsity.values()) for layer in self.plan.layers)
+        """Whether the weights must be masked at load (a full checkpoint carries its zeros itself, packed
+        weights replace the pruned ones)."""
+        return not (self.plan.full_checkpoint or self.plan.packed_weights) and any(
+            any(layer.sparsity.values()) for layer in self.plan.layers)
 
 
 def open_artifact(art_dir: str | Path, base_model: str | Path | None = None) -> ServedArtifact:
@@ -64,6 +67,9 @@ def open_artifact(art_dir: str | Path, base_model: str | Path | None = None) -> 
         # from the masks file's header: no mask is unpacked here (each worker unpacks one at a time)
         check_mask_shapes(PackedMasks(served.artifact_dir, served.plan).shapes, checkpoint_shapes(served.model_dir),
                           str(served.artifact_dir / MASK_FILE))
+    if served.plan.packed_weights:  # from the file's header too: each worker reads one weight at a time
+        packed = PackedWeights(served.artifact_dir, served.plan)
+        check_mask_shapes(packed.shapes, checkpoint_shapes(served.model_dir), str(packed.path))
     return served
 
 

@@ -3,7 +3,9 @@
 The one home of the contract between `offline_search` (which writes artifacts), the plugin (which
 serves them) and the demo (which shows them): the schema of `adaspkv.json` (`schema`, pydantic
 models, JSON Schema committed beside it), reading, writing and checking an artifact's files
-(`artifact`; the masks file: `packed_masks`), and the language model's geometry through transformers' AutoConfig (`geometry`).
+(`artifact`; the masks file: `packed_masks`; the packed linears' file: `packed_weights`; safetensors
+written tensor by tensor: `safetensors_stream`), and the language model's geometry through
+transformers' AutoConfig (`geometry`).
 `strict` holds the validated-model base and the project's user-error types. No vLLM, no Optuna.
 """
 
@@ -15,6 +17,7 @@ from vllm_adaspkv.format.artifact import (
     check_base_model,
     check_checkpoint,
     check_num_layers,
+    checkpoint_files,
     checkpoint_shapes,
     is_artifact,
     model_sha256,
@@ -35,6 +38,7 @@ from vllm_adaspkv.format.packed_masks import (
     read_masks,
     unpack_mask,
 )
+from vllm_adaspkv.format.packed_weights import PACKED_FILE, PackedWeights
 from vllm_adaspkv.format.schema import (
     FORMAT_VERSION,
     KEY_ROTATIONS,
@@ -55,10 +59,10 @@ from vllm_adaspkv.format.schema import (
 from vllm_adaspkv.format.strict import StrictModel
 
 __all__ = [
-    "FORMAT_VERSION", "KEY_ROTATIONS", "LINEARS", "MASK_FILE", "PLAN_FILE", "PLAN_METRICS", "SPARSITY_TOLERANCE",
+    "FORMAT_VERSION", "KEY_ROTATIONS", "LINEARS", "MASK_FILE", "PACKED_FILE", "PLAN_FILE", "PLAN_METRICS", "SPARSITY_TOLERANCE",
     "AdaspkvError", "ArtifactError", "BaseCheckpoint", "ConfigError", "Evaluation", "KVQuantScheme", "LayerPlan",
-    "ModelGeometry", "PackedMaskMap", "PackedMasks", "Plan", "Provenance", "StrictModel", "ZeroCount", "base_model_dir", "canonical_key",
-    "check_base_model", "check_checkpoint", "check_mask_shapes", "check_num_layers", "checkpoint_shapes",
+    "ModelGeometry", "PackedMaskMap", "PackedMasks", "PackedWeights", "Plan", "Provenance", "StrictModel", "ZeroCount", "base_model_dir", "canonical_key",
+    "check_base_model", "check_checkpoint", "checkpoint_files", "check_mask_shapes", "check_num_layers", "checkpoint_shapes",
     "is_artifact", "mask_key", "mask_weight", "model_sha256", "pack_mask", "parse_mask_key", "read_geometry", "read_masks",
     "read_plan", "relocate_base_model", "retract_artifact", "sparsity_differs", "unpack_mask", "write_artifact",
 ]

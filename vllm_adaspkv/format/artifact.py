@@ -2,9 +2,11 @@
 
 An artifact directory holds `adaspkv.json` (the plan, `vllm_adaspkv.format.schema.Plan`: base model and
 content hash, per decoder layer the sparsity of each pruned linear and the KV bit width, metric,
-structure, KV quantization scheme, provenance, evaluation); `masks.safetensors` when weights are pruned:
-one bit-packed keep mask per pruned weight (its layout and reading: `packed_masks`); optionally a full
-pruned checkpoint, announced by `full_checkpoint`.
+structure, KV quantization scheme, provenance, evaluation); when weights are pruned, either
+`masks.safetensors` (one bit-packed keep mask per pruned weight over the base model's weights; its layout
+and reading: `packed_masks`) or, with `packed_weights`, `packed_weights.safetensors` (the pruned linears
+themselves as bitmask + kept values: `packed_weights`); optionally a full pruned checkpoint, announced by
+`full_checkpoint`.
 
 This module owns reading, writing and checking those files, so that a search and a server that never see
 each other agree on them. It imports only torch, safetensors, numpy and pydantic (no vLLM, no Optuna), so
@@ -18,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -26,7 +29,9 @@ from safetensors.torch import save_file
 
 from vllm_adaspkv.errors import ConfigError
 from vllm_adaspkv.format.packed_masks import MASK_FILE, PLAN_FILE, check_masks, pack_mask
+from vllm_adaspkv.format.packed_weights import PACKED_FILE, write_packed_weights
 from vllm_adaspkv.format.schema import ArtifactError, Plan, parse_mask_key, sparsity_differs
+from vllm_adaspkv.sparse.packing import PackedWeight
 
 # llava-hf checkpoints written by transformers >= 4.52 nest the language model the other way round
 _NEW_LAYOUT = re.compile(r"^model\.language_model\.")
@@ -41,12 +46,16 @@ def canonical_key(name: str) -> str:
     return _NEW_LAYOUT.sub("language_model.model.", name)
 
 
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """A checkpoint's *.safetensors weight files in sorted name order, without an artifact's own files
+    (masks, packed weights), so that an artifact holding a full checkpoint reads and hashes as that checkpoint."""
+    return [path for path in sorted(Path(model_dir).glob("*.safetensors")) if path.name not in (MASK_FILE, PACKED_FILE)]
+
+
 def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     """Weight shapes from the safetensors headers (no tensor is read), under canonical keys."""
     shapes = {}
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        if path.name == MASK_FILE:
-            continue
+    for path in checkpoint_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 shapes[canonical_key(key)] = tuple(f.get_slice(key).get_shape())
@@ -54,16 +63,13 @@ def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
 
 
 def model_sha256(model_dir: str | Path) -> str:
-    """Content hash of a checkpoint: config.json, then every *.safetensors file in sorted name order (each
-    file's name, then its bytes). masks.safetensors is skipped, so an artifact that holds a full checkpoint
-    hashes the same with or without masks. Files are streamed: checkpoints can be tens of GB."""
+    """Content hash of a checkpoint: config.json, then every weight file (`checkpoint_files`: each file's name,
+    then its bytes). Files are streamed: checkpoints can be tens of GB."""
     digest = hashlib.sha256()
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"{model_dir}: no config.json; not a checkpoint directory")
-    for path in [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors"))]:
-        if path.name == MASK_FILE:
-            continue
+    for path in [model_dir / "config.json", *checkpoint_files(model_dir)]:
         digest.update(path.name.encode())
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
@@ -94,18 +100,30 @@ def retract_artifact(out_dir: str | Path) -> Path:
     return out
 
 
-def write_artifact(out_dir: str | Path, plan: Plan, masks: dict[str, torch.Tensor] | None = None) -> Path:
-    """Writes masks.safetensors when given (checked against the plan first, so that a written artifact
-    always reads back), then adaspkv.json. masks=None means the artifact has no masks: a masks file left
-    by an earlier write to the same folder is removed, or it would be read against the new plan."""
+def write_artifact(out_dir: str | Path, plan: Plan, masks: Mapping[str, torch.Tensor] | None = None,
+                   weight: Callable[[str], torch.Tensor] | None = None) -> Path:
+    """Writes the pruned weights' file when masks are given (checked against the plan first, so that a
+    written artifact always reads back), then adaspkv.json. With `plan.packed_weights` that file is
+    packed_weights.safetensors, made from weight(key) (the pruned weight) and each mask; otherwise
+    masks.safetensors. A file of the other kind (or of either when masks=None: no weight is pruned)
+    left by an earlier write to the same folder is removed, or it would be read against the new plan."""
     out = retract_artifact(out_dir)
-    if masks is not None:
+    written = None
+    if masks is not None and plan.packed_weights:
+        if weight is None:
+            raise ValueError("write_artifact: a plan with packed_weights needs the pruned weights (weight=)")
+        check_masks(masks, plan, str(out / PACKED_FILE))
+        _replace_atomically(out / PACKED_FILE, lambda tmp: write_packed_weights(tmp, masks, weight))
+        written = PACKED_FILE
+    elif masks is not None:
         check_masks(masks, plan, str(out / MASK_FILE))
         shapes = json.dumps({key: list(mask.shape) for key, mask in masks.items()})
         _replace_atomically(out / MASK_FILE, lambda tmp: save_file(
             {key: pack_mask(mask) for key, mask in masks.items()}, str(tmp), metadata={"shapes": shapes}))
-    else:
-        (out / MASK_FILE).unlink(missing_ok=True)
+        written = MASK_FILE
+    for name in (MASK_FILE, PACKED_FILE):
+        if name != written:
+            (out / name).unlink(missing_ok=True)
     _write_plan(out, plan)  # the plan last: it is what makes the folder an artifact
     return out
 
@@ -180,6 +198,14 @@ class ZeroCount:
         parsed = parse_mask_key(key)
         if parsed is not None:  # counted, not averaged: exact, and no float copy of the weight
             self.measured[parsed] = int((weight == 0).sum()) / weight.numel()
+
+    def observe_packed(self, key: str, packed: PackedWeight) -> None:
+        """The zeros of a packed weight: those it drops and any kept value that is 0."""
+        parsed = parse_mask_key(key)
+        if parsed is not None:
+            rows, cols = packed.shape
+            zeros = rows * cols - packed.values.numel() + int((packed.values == 0).sum())
+            self.measured[parsed] = zeros / (rows * cols)
 
     def check(self, source: str) -> None:
         """Raises ArtifactError on the first linear whose share of zeros differs from the plan.

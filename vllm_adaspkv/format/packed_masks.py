@@ -76,7 +76,7 @@ class PackedMasks:
             if key not in shapes:
                 raise ArtifactError(f"{self.path}: {key}: no shape in the metadata 'shapes'")
         self.shapes = {key: tuple(shapes[key]) for key in keys}
-        _check_keys(self.shapes, plan, str(self.path))
+        check_mask_keys(self.shapes, plan, str(self.path))
 
     def __contains__(self, key: str) -> bool:
         return key in self.shapes
@@ -90,7 +90,7 @@ class PackedMasks:
             mask = unpack_mask(self._file.get_tensor(key), self.shapes[key])
         except (ValueError, TypeError) as exc:
             raise ArtifactError(f"{self.path}: {key}: {exc}") from None
-        _check_mask(key, mask, self.plan, str(self.path))
+        check_mask(key, mask, self.plan, str(self.path))
         return mask
 
 
@@ -124,12 +124,12 @@ def read_masks(art_dir: str | Path, plan: Plan | None = None) -> dict[str, torch
 
 def check_masks(masks: dict[str, torch.Tensor], plan: Plan | None, source: str) -> None:
     """What PackedMasks checks, for masks in memory (before they are written)."""
-    _check_keys({key: tuple(mask.shape) for key, mask in masks.items()}, plan, source)
+    check_mask_keys({key: tuple(mask.shape) for key, mask in masks.items()}, plan, source)
     for key, mask in masks.items():
-        _check_mask(key, mask, plan, source)
+        check_mask(key, mask, plan, source)
 
 
-def _check_keys(shapes: dict[str, tuple[int, ...]], plan: Plan | None, source: str) -> None:
+def check_mask_keys(shapes: dict[str, tuple[int, ...]], plan: Plan | None, source: str) -> None:
     for key in shapes:
         parsed = parse_mask_key(key)
         if parsed is None:
@@ -145,7 +145,7 @@ def _check_keys(shapes: dict[str, tuple[int, ...]], plan: Plan | None, source: s
                                         f"layers[{i}].sparsity.{linear} = {value:.4f}")
 
 
-def _check_mask(key: str, mask: torch.Tensor, plan: Plan | None, source: str) -> None:
+def check_mask(key: str, mask: torch.Tensor, plan: Plan | None, source: str) -> None:
     if mask.dtype != torch.bool:
         raise ArtifactError(f"{source}: {key}: a mask must be bool, not {mask.dtype}")
     if plan is None:

@@ -124,6 +124,9 @@ class Plan(StrictModel):
     full_checkpoint: bool = Field(False, description="the artifact holds the pruned checkpoint itself")
     weight_format: WeightFormat = Field("masked", description="how a CPU server keeps the pruned linears: "
                                         "'masked' dense weights with zeros, or 'packed' (bitmask + kept values)")
+    packed_weights: bool = Field(False, description="the artifact stores its pruned linears packed (bitmask + kept "
+                                 "values + row offsets) in packed_weights.safetensors, in place of masks over the "
+                                 "base model's weights; needs weight_format 'packed'")
     checkpoint_sha256: Sha256 | None = Field(None, description="with full_checkpoint: model_sha256 of the "
                                                                "artifact's own checkpoint")
     provenance: Provenance = Provenance()
@@ -151,6 +154,9 @@ class Plan(StrictModel):
                              "(re-export the artifact)")
         if not self.full_checkpoint and self.checkpoint_sha256 is not None:
             raise ValueError("checkpoint_sha256 is set but full_checkpoint is false")
+        if self.packed_weights and (self.full_checkpoint or self.weight_format != "packed"):
+            raise ValueError(f"packed_weights = true needs full_checkpoint = false and weight_format = 'packed', not "
+                             f"{str(self.full_checkpoint).lower()} and {self.weight_format!r}")
         return self
 
     @classmethod

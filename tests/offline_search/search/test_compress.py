@@ -1,6 +1,7 @@
 """adaspkv prune / search end to end on the test kit's tiny LLaVA (in process, seconds each)."""
 
 import json
+import re
 
 import optuna
 import pytest
@@ -12,6 +13,7 @@ from offline_search.data.checkpoint import CheckpointWeights, load_llava
 from offline_search.model.calibration import CalibrationConfig, calibrate
 from offline_search.model.llava import model_linears
 from offline_search.model.pruner import Pruner
+from vllm_adaspkv.sparse.packing import unpack
 
 
 def small_run(tiny_llava_dir, out, cache, *extra):
@@ -83,7 +85,9 @@ def test_prune_writes_a_valid_artifact(tiny_llava_dir, tmp_path, capsys):
     main(["prune", *small_run(tiny_llava_dir, tmp_path / "art2", tmp_path / "cache"),
           "--metric", "lognorm", "--sparsity", "0.5", "--pack"])
     assert "reused from" in capsys.readouterr().out  # ...and reused by the next run
-    assert art.read_plan(tmp_path / "art2").weight_format == "packed"  # served packed on CPU
+    packed = art.read_plan(tmp_path / "art2")
+    assert packed.weight_format == "packed" and packed.packed_weights  # stored and served packed
+    assert (tmp_path / "art2" / art.PACKED_FILE).is_file() and not (tmp_path / "art2" / art.MASK_FILE).exists()
 
 
 def test_search_resumes_and_keeps_finished_trials(tiny_llava_dir, tmp_path, capsys):
@@ -175,6 +179,31 @@ def _ppl_with_masks(model_dir, masks) -> float:
         logprobs = torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), -1)
         nll = -logprobs.gather(-1, batch[:, 1:, None]).sum()
     return math.exp(float(nll) / (2 * (window - 1)))
+
+
+def test_sparsegpt_packed_stores_its_updated_weights_without_a_checkpoint(tiny_llava_dir, tmp_path, capsys):
+    """--pack keeps SparseGPT's updated values in packed_weights.safetensors: the same weights as the full
+    checkpoint it writes otherwise, the same evaluation, a fraction of the disk."""
+    runs = {}
+    for name, extra in (("full", []), ("packed", ["--pack"])):
+        main(["prune", *small_run(tiny_llava_dir, tmp_path / name, tmp_path / "cache"), "--metric", "sparsegpt",
+              "--sparsity", "0.5", *extra])
+        runs[name] = capsys.readouterr().out
+    full, packed = art.read_plan(tmp_path / "full"), art.read_plan(tmp_path / "packed")
+    assert full.full_checkpoint and not packed.full_checkpoint and packed.packed_weights
+    assert not list((tmp_path / "packed").glob("model*.safetensors"))
+    stored = art.PackedWeights(tmp_path / "packed", packed)
+    checkpoint = CheckpointWeights(tmp_path / "full")
+    for key in stored.keys():
+        assert torch.equal(unpack(stored.get(key)), checkpoint.get(key))  # the updated values, not the base's
+    scores = {}
+    for name in runs:
+        main(["eval", "--model", str(tiny_llava_dir), "--artifact", str(tmp_path / name), "--tasks", "wikitext2",
+              "--limit", "2", "--json", str(tmp_path / f"{name}.json")])
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())["wikitext2_ppl"]
+    assert scores["packed"] == pytest.approx(scores["full"], rel=1e-6)
+    on_disk = {name: float(re.search(r"; ([\d.]+) MiB on disk\)", out)[1]) for name, out in runs.items()}
+    assert "linears packed" in runs["packed"] and on_disk["packed"] < on_disk["full"]
 
 
 def test_eval_applies_an_artifact_and_rejects_another_models(tiny_llava_dir, tmp_path):

@@ -1,6 +1,7 @@
-"""A plan with weight_format "packed" served through the OpenAI API: the language model's pruned linears
-kept as bitmask + kept values and run by the C++ kernel give the tokens of the same artifact served
-masked-dense, and the log says which linears are packed and what they take."""
+"""A plan with weight_format "packed" served through the OpenAI API: the language model's pruned linears,
+stored packed in the artifact (bitmask + kept values), kept so in memory and run by the C++ kernel, give
+the tokens of the same pruning served masked-dense, and the log says which linears are packed and what
+they take."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from offline_search.evaluation.openai_chat import image_data_url, image_message
 from offline_search.evaluation.vllm_server import ServerConfig, VllmServer
 from tests.vllm_adaspkv.artifacts import make_artifact, num_layers
 from vllm_adaspkv.engine.packed_linears import PACK_MIN_SPARSITY, packed_modules
-from vllm_adaspkv.format import read_plan
+from vllm_adaspkv.format import MASK_FILE, PACKED_FILE, read_plan
 
 PROMPTS = ("The capital of France is", "Once upon a time", "1, 2, 3, 4,")
 
@@ -38,7 +39,9 @@ def served_answers(artifact, env, log, red_square) -> tuple[list, list]:
 def test_packed_linears_serve_the_tokens_of_masked_dense(tmp_path, tiny_llava_dir, vllm_env, red_square):
     bits = [16] * num_layers(tiny_llava_dir)
     masked = make_artifact(tmp_path / "masked", tiny_llava_dir, bits, sparsity=0.5)
-    packed = make_artifact(tmp_path / "packed", tiny_llava_dir, bits, sparsity=0.5, weight_format="packed")
+    packed = make_artifact(tmp_path / "packed", tiny_llava_dir, bits, sparsity=0.5, weight_format="packed",
+                           packed_weights=True)
+    assert (packed / PACKED_FILE).is_file() and not (packed / MASK_FILE).exists()
     masked_tokens, masked_logprobs = served_answers(masked, vllm_env, tmp_path / "masked.log", red_square)
     packed_tokens, packed_logprobs = served_answers(packed, vllm_env, tmp_path / "packed.log", red_square)
     assert packed_tokens == masked_tokens

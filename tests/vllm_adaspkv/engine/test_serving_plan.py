@@ -123,6 +123,25 @@ def test_masks_of_the_wrong_shape(tmp_path, tiny_llava_dir):
         open_artifact(other)
 
 
+def test_packed_weights_are_checked_before_serving(tmp_path, tiny_llava_dir):
+    art = make_artifact(tmp_path / "p", tiny_llava_dir, [8, 4], sparsity=0.5, weight_format="packed",
+                        packed_weights=True)
+    served = open_artifact(art)
+    assert served.plan.packed_weights and not served.has_masks  # the packed weights replace, nothing is masked
+    from vllm_adaspkv.format import read_masks, write_artifact
+    key = mask_key(0, "self_attn.q_proj")
+    masks = read_masks(make_artifact(tmp_path / "m", tiny_llava_dir, [8, 4], sparsity=0.5))
+    base = linear_weights(tiny_llava_dir)
+    masks[key] = masks[key].t().contiguous()  # consistent with itself and the plan, not with the model
+    write_artifact(art, served.plan, masks, weight=lambda k: (base[k].t() if k == key else base[k]) * masks[k])
+    with pytest.raises(ArtifactError, match=rf"packed_weights.safetensors: mask {key} has shape \(64, 128\), "
+                                            r"the weight \(128, 64\)"):
+        open_artifact(art)
+    (art / "packed_weights.safetensors").unlink()
+    with pytest.raises(ArtifactError, match=r"no packed_weights.safetensors, but the plan says packed_weights = true"):
+        open_artifact(art)
+
+
 def test_other_base_model(tmp_path, tiny_llava_dir, artifact):
     base = tmp_path / "base-copy"
     shutil.copytree(tiny_llava_dir, base)
