@@ -16,8 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bundled model name (shapes-llava) or LLaVA checkpoint directory; with "
                              "--server, the checkpoint the server runs (its tokenizer is used)")
     parser.add_argument("--artifact", default=None,
-                        help="an adaspkv artifact directory made from --model: evaluate with its masks "
-                             "applied (offline only)")
+                        help="an adaspkv artifact directory made from --model: evaluate with its pruned weights "
+                             "(masks, packed linears or checkpoint) and simulated KV cache (offline only)")
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help="comma-separated, from: %(default)s")
     parser.add_argument("--limit", type=int, default=None,

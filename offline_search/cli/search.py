@@ -55,8 +55,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, allocations: tuple[str
                              "(done for sparsegpt, which updates weights, unless --pack)")
     parser.add_argument("--pack", action="store_true",
                         help="store the pruned linears packed (bitmask + kept values: 0.56x of dense bf16 at 50%% "
-                             "sparsity, SparseGPT's updated values included) instead of masks, and serve them "
-                             "packed on CPU (C++ kernel: less memory, faster decode from about 30%% sparsity)")
+                             "sparsity, SparseGPT's updated values included) instead of masks (with "
+                             "--full-checkpoint: the checkpoint), and serve them packed on CPU (C++ kernel: less "
+                             "memory, faster decode from about 30%% sparsity)")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (default: %(default)s)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where the model runs for calibration, pruning and the objective; auto: cuda "

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vllm_adaspkv.format.safetensors_stream import StoredTensor, read_header
 from vllm_adaspkv.errors import ConfigError
 from vllm_adaspkv.format import canonical_key, checkpoint_files, parse_mask_key
+from vllm_adaspkv.format.safetensors_stream import StoredTensor, read_header
 
 # transformers 5 prefix -> llava-hf prefix, first match wins.
 _TO_LLAVA_HF = (

@@ -101,7 +101,7 @@ def load_model(model_dir: Path, artifact: str | None):
     if plan.packed_weights:  # the pruned linears themselves, stored packed
         weights = art.PackedWeights(artifact, plan)
         art.check_mask_shapes(weights.shapes, {key: tuple(m.weight.shape) for key, m in linears.items()},
-                              str(weights.path))
+                              str(weights.path), what="packed weight")
         with torch.no_grad():
             for key in weights.keys():
                 linears[key].weight.copy_(unpack(weights.get(key)))

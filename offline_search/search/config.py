@@ -57,7 +57,7 @@ class CompressConfig(StrictModel):
     kv_group: Annotated[int, Field(ge=1)] = 32  # quantization group along the head dimension
     kv_key_rotation: KeyRotation = "none"
     full_checkpoint: bool = False
-    pack: bool = False  # the pruned linears stored packed (packed_weights.safetensors) and served packed on CPU
+    pack: bool = False  # served packed on CPU; stored packed (packed_weights.safetensors) unless full_checkpoint
     cache_dir: LaxPath | None = None  # default: $ADASPKV_CACHE_DIR or ~/.cache/adaspkv
     show_progress: bool = True
     device: Device = "auto"  # auto: cuda when available
@@ -85,9 +85,6 @@ class CompressConfig(StrictModel):
                              f"{min(self.kv_choices)} bits")
         if self.kv_search != "none" and self.kv_bits != 16:
             raise ValueError("--kv-bits sets one width for every layer; it cannot be combined with --kv-search")
-        if self.pack and self.full_checkpoint:
-            raise ValueError("--pack stores the pruned linears packed in the artifact, --full-checkpoint the whole "
-                             "pruned checkpoint: choose one")
         if self.worker and not self.searches:
             raise ValueError("--worker runs search trials: it needs --allocation tpe or --kv-search")
         if self.warm_start is not None and self.allocation != "tpe":

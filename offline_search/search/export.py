@@ -43,7 +43,8 @@ def export_artifact(config: CompressConfig, model, processor, model_dir: Path, b
     for mask in masks.values():  # one pass, one mask unpacked at a time (PackedMaskMap)
         zeroed, total = zeroed + int((~mask).sum()), total + mask.numel()
     mean_sparsity = zeroed / total
-    packed = config.pack and zeroed > 0  # a KV-only plan has no pruned weight to pack
+    # stored packed unless the full checkpoint holds them (then packed at load); a KV-only plan has none
+    packed = config.pack and not full and zeroed > 0
     plan = Plan(
         # relative: an artifact moved together with its base model (or copied beside it) still finds it
         base_model=BaseCheckpoint(path=os.path.relpath(Path(model_dir).resolve(), out.resolve()), sha256=base_sha256),
@@ -57,13 +58,13 @@ def export_artifact(config: CompressConfig, model, processor, model_dir: Path, b
     write_report(out, plan, model_geometry(model), study)
     linears = model_linears(model)
     write_artifact(out, plan, masks if zeroed else None,  # a KV-only plan needs no masks
-                   weight=lambda key: linears[key].weight.detach().cpu())
+                   weight=lambda key: linears[key].weight.detach().cpu(), dtype=next(iter(linears.values())).weight.dtype)
     stored = ", with the pruned checkpoint" if full else ", linears packed" if packed else ""
     print(f"artifact written to {out} (mean sparsity {mean_sparsity:.4f}, mean KV bits {plan.mean_kv_bits():g}"
-          f"{stored}; {artifact_bytes(out) / 2**20:.1f} MiB on disk)")
+          f"{stored}; the folder takes {folder_bytes(out) / 2**20:.1f} MiB on disk)")
     return out
 
 
-def artifact_bytes(out: Path) -> int:
-    """The artifact's size on disk: its own files, not the base model it points at."""
+def folder_bytes(out: Path) -> int:
+    """What the artifact's folder takes on disk (not the base model it points at)."""
     return sum(path.stat().st_size for path in Path(out).rglob("*") if path.is_file())

@@ -45,7 +45,8 @@ def make_artifact(out: Path, model_dir: Path, kv_bits: list[int], sparsity: floa
                 layers=layers, metric="magnitude" if sparsity else "none",
                 kv_quant=KVQuantScheme(group_size=group, key_rotation=key_rotation), weight_format=weight_format,
                 packed_weights=packed_weights)
-    return write_artifact(out, plan, masks or None, weight=lambda key: weights[key] * masks[key])
+    return write_artifact(out, plan, masks or None, weight=lambda key: weights[key] * masks[key],
+                          dtype=next(iter(weights.values())).dtype)
 
 
 def num_layers(model_dir: Path) -> int:

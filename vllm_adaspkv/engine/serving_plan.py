@@ -69,7 +69,7 @@ def open_artifact(art_dir: str | Path, base_model: str | Path | None = None) -> 
                           str(served.artifact_dir / MASK_FILE))
     if served.plan.packed_weights:  # from the file's header too: each worker reads one weight at a time
         packed = PackedWeights(served.artifact_dir, served.plan)
-        check_mask_shapes(packed.shapes, checkpoint_shapes(served.model_dir), str(packed.path))
+        check_mask_shapes(packed.shapes, checkpoint_shapes(served.model_dir), str(packed.path), what="packed weight")
     return served
 
 

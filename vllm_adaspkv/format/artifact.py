@@ -101,19 +101,20 @@ def retract_artifact(out_dir: str | Path) -> Path:
 
 
 def write_artifact(out_dir: str | Path, plan: Plan, masks: Mapping[str, torch.Tensor] | None = None,
-                   weight: Callable[[str], torch.Tensor] | None = None) -> Path:
+                   weight: Callable[[str], torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Writes the pruned weights' file when masks are given (checked against the plan first, so that a
     written artifact always reads back), then adaspkv.json. With `plan.packed_weights` that file is
-    packed_weights.safetensors, made from weight(key) (the pruned weight) and each mask; otherwise
+    packed_weights.safetensors, made from weight(key) (the pruned weight, of `dtype`) and each mask; otherwise
     masks.safetensors. A file of the other kind (or of either when masks=None: no weight is pruned)
     left by an earlier write to the same folder is removed, or it would be read against the new plan."""
+    if plan.packed_weights and (not masks or weight is None or dtype is None):
+        raise ValueError("write_artifact: a plan with packed_weights needs masks and the pruned weights "
+                         "(weight=, dtype=)")
     out = retract_artifact(out_dir)
     written = None
-    if masks is not None and plan.packed_weights:
-        if weight is None:
-            raise ValueError("write_artifact: a plan with packed_weights needs the pruned weights (weight=)")
+    if plan.packed_weights:
         check_masks(masks, plan, str(out / PACKED_FILE))
-        _replace_atomically(out / PACKED_FILE, lambda tmp: write_packed_weights(tmp, masks, weight))
+        _replace_atomically(out / PACKED_FILE, lambda tmp: write_packed_weights(tmp, masks, weight, dtype))
         written = PACKED_FILE
     elif masks is not None:
         check_masks(masks, plan, str(out / MASK_FILE))

@@ -129,7 +129,9 @@ def check_masks(masks: dict[str, torch.Tensor], plan: Plan | None, source: str) 
         check_mask(key, mask, plan, source)
 
 
-def check_mask_keys(shapes: dict[str, tuple[int, ...]], plan: Plan | None, source: str) -> None:
+def check_mask_keys(shapes: dict[str, tuple[int, ...]], plan: Plan | None, source: str, what: str = "mask") -> None:
+    """Every key a language-model linear of one of the plan's layers; every linear the plan prunes there.
+    `what` names the entries in messages (a mask, a packed weight)."""
     for key in shapes:
         parsed = parse_mask_key(key)
         if parsed is None:
@@ -141,7 +143,7 @@ def check_mask_keys(shapes: dict[str, tuple[int, ...]], plan: Plan | None, sourc
         for i, layer in enumerate(plan.layers):
             for linear, value in layer.sparsity.items():
                 if sparsity_differs(value, 0.0) and mask_key(i, linear) not in shapes:
-                    raise ArtifactError(f"{source}: no mask for {mask_key(i, linear)}; {PLAN_FILE} says "
+                    raise ArtifactError(f"{source}: no {what} for {mask_key(i, linear)}; {PLAN_FILE} says "
                                         f"layers[{i}].sparsity.{linear} = {value:.4f}")
 
 
@@ -174,9 +176,11 @@ def _check_n_of_m(mask: torch.Tensor, n: int, m: int, where: str) -> None:
                             f"of {m}; structure {n}:{m} allows {m - n}")
 
 
-def check_mask_shapes(mask_shapes: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    """Every mask (its shape, from PackedMasks.shapes) must cover a weight of the model, element for element."""
+def check_mask_shapes(mask_shapes: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], source: str,
+                      what: str = "mask") -> None:
+    """Every mask (its shape, from PackedMasks.shapes; or packed weight) must cover a weight of the model,
+    element for element."""
     for key, mask_shape in mask_shapes.items():
         if key not in shapes or tuple(mask_shape) != tuple(shapes[key]):
             weight = f"the weight {tuple(shapes[key])}" if key in shapes else "but the model has no such weight"
-            raise ArtifactError(f"{source}: mask {key} has shape {tuple(mask_shape)}, {weight}")
+            raise ArtifactError(f"{source}: {what} {key} has shape {tuple(mask_shape)}, {weight}")

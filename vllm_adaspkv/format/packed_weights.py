@@ -31,6 +31,7 @@ from vllm_adaspkv.sparse.packing import PackedWeight, keep_mask, pack
 
 PACKED_FILE = "packed_weights.safetensors"
 PARTS = ("bitmask", "values", "row_offsets")
+VALUE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
@@ -41,15 +42,18 @@ def packed_specs(key: str, shape: tuple[int, int], kept: int, dtype: torch.dtype
             TensorSpec(f"{key}.values", (kept,), dtype), TensorSpec(f"{key}.row_offsets", (rows + 1,), torch.int64)]
 
 
-def write_packed_weights(path: Path, masks: Mapping[str, torch.Tensor], weight: Callable[[str], torch.Tensor]) -> Path:
-    """Packs weight(key) under each (key, bool keep mask) of `masks` into one file at `path`. Two passes
-    over the masks (the header needs every kept count first); one weight packed in memory at a time."""
+def write_packed_weights(path: Path, masks: Mapping[str, torch.Tensor], weight: Callable[[str], torch.Tensor],
+                         dtype: torch.dtype) -> Path:
+    """Packs weight(key) (2-D, `dtype`) under each (key, bool keep mask) of `masks` into one file at `path`.
+    Two passes over the masks (the header needs every kept count first); weights are read in the second
+    only, one packed in memory at a time."""
+    if dtype not in VALUE_DTYPES:
+        raise ValueError(f"packed weights are stored as {', '.join(map(str, VALUE_DTYPES))}, not {dtype}")
     specs, shapes = [], {}
     for key, mask in masks.items():
-        w = weight(key)
-        if tuple(w.shape) != tuple(mask.shape) or w.dim() != 2:
-            raise ValueError(f"{key}: weight {tuple(w.shape)} and mask {tuple(mask.shape)} differ")
-        specs += packed_specs(key, tuple(mask.shape), int(mask.sum()), w.dtype)
+        if mask.dim() != 2:
+            raise ValueError(f"{key}: a packed weight is 2-D, not of shape {tuple(mask.shape)}")
+        specs += packed_specs(key, tuple(mask.shape), int(mask.sum()), dtype)
         shapes[key] = list(mask.shape)
     current: dict[str, PackedWeight] = {}
 
@@ -57,7 +61,11 @@ def write_packed_weights(path: Path, masks: Mapping[str, torch.Tensor], weight: 
         key, part = spec.name.rsplit(".", 1)
         if key not in current:
             current.clear()  # one weight at a time
-            current[key] = pack(weight(key), masks[key])
+            w = weight(key)
+            if tuple(w.shape) != tuple(masks[key].shape) or w.dtype != dtype:
+                raise ValueError(f"{key}: weight {tuple(w.shape)} {w.dtype}, mask {tuple(masks[key].shape)}, "
+                                 f"{dtype} planned")
+            current[key] = pack(w, masks[key])
         return getattr(current[key], part)
 
     return write_streamed(path, specs, make, metadata={"shapes": json.dumps(shapes)})
@@ -72,7 +80,8 @@ class PackedWeights:
         self.path = Path(art_dir) / PACKED_FILE
         self.plan = plan
         if not self.path.is_file():
-            raise ArtifactError(f"{art_dir}: no {PACKED_FILE}, but the plan says packed_weights = true")
+            raise ArtifactError(f"{art_dir}: no {PACKED_FILE}" + (", but the plan says packed_weights = true"
+                                                                  if plan is not None else ""))
         try:
             self._file = safe_open(str(self.path), framework="pt")
             metadata = self._file.metadata() or {}
@@ -84,12 +93,16 @@ class PackedWeights:
         except (KeyError, json.JSONDecodeError, AttributeError, TypeError):
             raise ArtifactError(f"{self.path}: metadata 'shapes' missing or not a JSON object; the weight shapes "
                                 "are unknown") from None
+        for key, shape in self.shapes.items():
+            if len(shape) != 2 or not all(type(n) is int and n >= 0 for n in shape):
+                raise ArtifactError(f"{self.path}: metadata 'shapes': {key} has shape {list(shape)}; a packed "
+                                    "weight has [rows, cols]")
         expected = {f"{key}.{part}" for key in self.shapes for part in PARTS}
         if names != expected:
             odd = sorted(names ^ expected)[:3]
             raise ArtifactError(f"{self.path}: tensors {odd} do not match the metadata 'shapes': each packed weight "
                                 f"has exactly {', '.join(f'<key>.{p}' for p in PARTS)}")
-        check_mask_keys(self.shapes, plan, str(self.path))
+        check_mask_keys(self.shapes, plan, str(self.path), what="packed weight")
 
     def __contains__(self, key: str) -> bool:
         return key in self.shapes
@@ -113,6 +126,8 @@ class PackedWeights:
             raise ArtifactError(f"{where}.bitmask sets bits past column {cols - 1}")
         if int(offsets[0]) != 0 or not torch.equal(offsets[1:].diff(prepend=offsets[:1]), kept_per_row):
             raise ArtifactError(f"{where}.row_offsets do not count the bits of each bitmask row")
+        if values.dtype not in VALUE_DTYPES:
+            raise ArtifactError(f"{where}.values is {values.dtype}; allowed {', '.join(map(str, VALUE_DTYPES))}")
         if values.dim() != 1 or values.numel() != int(offsets[-1]):
             raise ArtifactError(f"{where}.values has {values.numel()} values; the bitmask keeps {int(offsets[-1])}")
         packed = PackedWeight(bitmask, values, offsets, cols)

@@ -202,8 +202,14 @@ def test_sparsegpt_packed_stores_its_updated_weights_without_a_checkpoint(tiny_l
               "--limit", "2", "--json", str(tmp_path / f"{name}.json")])
         scores[name] = json.loads((tmp_path / f"{name}.json").read_text())["wikitext2_ppl"]
     assert scores["packed"] == pytest.approx(scores["full"], rel=1e-6)
-    on_disk = {name: float(re.search(r"; ([\d.]+) MiB on disk\)", out)[1]) for name, out in runs.items()}
+    on_disk = {name: float(re.search(r"the folder takes ([\d.]+) MiB on disk\)", out)[1]) for name, out in runs.items()}
     assert "linears packed" in runs["packed"] and on_disk["packed"] < on_disk["full"]
+    # with --full-checkpoint the checkpoint holds the weights, packed when served
+    main(["prune", *small_run(tiny_llava_dir, tmp_path / "both", tmp_path / "cache"), "--metric", "sparsegpt",
+          "--sparsity", "0.5", "--pack", "--full-checkpoint"])
+    both = art.read_plan(tmp_path / "both")
+    assert both.full_checkpoint and both.weight_format == "packed" and not both.packed_weights
+    assert not (tmp_path / "both" / art.PACKED_FILE).exists()
 
 
 def test_eval_applies_an_artifact_and_rejects_another_models(tiny_llava_dir, tmp_path):

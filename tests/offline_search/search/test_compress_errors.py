@@ -29,9 +29,6 @@ def run(tmp_path, *args, model=None, command="search"):
      r"--warm-start seeds a TPE search"),
     (["--metric", "wanda", "--sparsity", "0.5", "--calibration-text", "none", "--calibration-images", "none"],
      r"calibration needs text or images"),
-    (["--metric", "sparsegpt", "--sparsity", "0.5", "--pack", "--full-checkpoint"],
-     r"--pack stores the pruned linears packed in the artifact, --full-checkpoint the whole pruned checkpoint: "
-     r"choose one"),
 ])
 def test_config_errors(tmp_path, args, message):
     with pytest.raises(SystemExit, match=message):

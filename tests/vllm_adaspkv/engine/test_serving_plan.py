@@ -133,8 +133,9 @@ def test_packed_weights_are_checked_before_serving(tmp_path, tiny_llava_dir):
     masks = read_masks(make_artifact(tmp_path / "m", tiny_llava_dir, [8, 4], sparsity=0.5))
     base = linear_weights(tiny_llava_dir)
     masks[key] = masks[key].t().contiguous()  # consistent with itself and the plan, not with the model
-    write_artifact(art, served.plan, masks, weight=lambda k: (base[k].t() if k == key else base[k]) * masks[k])
-    with pytest.raises(ArtifactError, match=rf"packed_weights.safetensors: mask {key} has shape \(64, 128\), "
+    write_artifact(art, served.plan, masks, weight=lambda k: (base[k].t() if k == key else base[k]) * masks[k],
+                   dtype=base[key].dtype)
+    with pytest.raises(ArtifactError, match=rf"packed_weights.safetensors: packed weight {key} has shape \(64, 128\), "
                                             r"the weight \(128, 64\)"):
         open_artifact(art)
     (art / "packed_weights.safetensors").unlink()

@@ -7,7 +7,7 @@ import torch
 from tests.vllm_adaspkv.artifacts import linear_weights, make_artifact, num_layers
 from vllm_adaspkv.engine.serving_plan import describe_artifact
 from vllm_adaspkv.engine.weight_stream import ArtifactWeights
-from vllm_adaspkv.format import ArtifactError, mask_key, parse_mask_key
+from vllm_adaspkv.format import ArtifactError, mask_key, parse_mask_key, read_masks, read_plan, write_artifact
 from vllm_adaspkv.sparse import packing
 
 
@@ -15,10 +15,15 @@ from vllm_adaspkv.sparse import packing
 def artifacts(tiny_llava_dir, tmp_path_factory):
     bits = [16] * num_layers(tiny_llava_dir)
     root = tmp_path_factory.mktemp("stream")
+    base = linear_weights(tiny_llava_dir)
     masked = make_artifact(root / "masked", tiny_llava_dir, bits, sparsity=0.5)
     stored = make_artifact(root / "stored", tiny_llava_dir, bits, sparsity=0.5, weight_format="packed",
                            packed_weights=True)
-    return masked, stored, linear_weights(tiny_llava_dir)
+    # stored values other than the base model's (as SparseGPT's are): the stream must serve these
+    masks = read_masks(masked)
+    write_artifact(stored, read_plan(stored), masks, weight=lambda key: (base[key] + 1) * masks[key],
+                   dtype=base[next(iter(masks))].dtype)
+    return masked, stored, base
 
 
 @pytest.mark.parametrize("kind", ["masked", "stored"])
@@ -30,6 +35,8 @@ def test_the_stream_gives_each_weight_pruned_once_and_holds_back_the_packed(arti
     out = dict(stream.stream(iter(base.items())))
     stream.check()
     expected = dict(ArtifactWeights(describe_artifact(masked), set()).stream(iter(base.items())))  # masked-dense
+    if kind == "stored":  # the stored values: the base's + 1 where kept
+        expected = {k: w + (w != 0) if parse_mask_key(k) is not None else w for k, w in expected.items()}
     assert set(out) == set(base) - to_pack and set(stream.packed) == to_pack
     for key, weight in out.items():
         assert weight.dtype == base[key].dtype and torch.equal(weight, expected[key])

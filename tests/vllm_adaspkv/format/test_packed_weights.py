@@ -51,11 +51,11 @@ def half(shape=(4, 10), layers=1, seed=0) -> tuple[dict, dict]:
 
 
 def test_a_weight_by_hand(tmp_path):
-    # q_proj 1 x 8 keeps columns 0, 2, 3, 7: bits 1, 4, 8, 128 -> byte 141; 2 x 10 rows for the others
+    # q_proj 1 x 8 keeps columns 0, 2, 3, 7: bits 1, 4, 8, 128 -> byte 141; 4 x 10 for the others
     weights, masks = half()
     weights[KEY] = torch.tensor([[1.0, 0, 2, 3, 0, 0, 0, 4]], dtype=torch.bfloat16)
     masks[KEY] = weights[KEY] != 0
-    write_artifact(tmp_path, plan(), masks, weight=weights.__getitem__)
+    write_artifact(tmp_path, plan(), masks, weight=weights.__getitem__, dtype=torch.bfloat16)
     assert sorted(p.name for p in tmp_path.iterdir()) == [PLAN_FILE, PACKED_FILE]  # no masks file
     with safe_open(str(tmp_path / PACKED_FILE), framework="pt") as f:
         assert f.get_tensor(f"{KEY}.bitmask").tolist() == [[141]]
@@ -72,7 +72,7 @@ def test_a_weight_by_hand(tmp_path):
 def test_round_trip_keeps_values_and_masks(tmp_path):
     weights, masks = half(shape=(6, 34), layers=2)  # 34: not a multiple of 8
     written = plan(layers=2)
-    write_artifact(tmp_path, written, masks, weight=weights.__getitem__)
+    write_artifact(tmp_path, written, masks, weight=weights.__getitem__, dtype=torch.bfloat16)
     stored = PackedWeights(tmp_path, read_plan(tmp_path))
     assert set(stored.keys()) == set(masks) and stored.shapes[KEY] == (6, 34)
     for key in masks:
@@ -86,12 +86,15 @@ def test_the_other_kind_of_file_is_removed(tmp_path):
     weights, masks = half()
     write_artifact(tmp_path, plan(packed=False), masks)
     assert (tmp_path / MASK_FILE).is_file()
-    write_artifact(tmp_path, plan(), masks, weight=weights.__getitem__)
+    write_artifact(tmp_path, plan(), masks, weight=weights.__getitem__, dtype=torch.bfloat16)
     assert (tmp_path / PACKED_FILE).is_file() and not (tmp_path / MASK_FILE).exists()
     write_artifact(tmp_path, plan(packed=False), masks)
     assert (tmp_path / MASK_FILE).is_file() and not (tmp_path / PACKED_FILE).exists()
-    with pytest.raises(ValueError, match="packed_weights needs the pruned weights"):
-        write_artifact(tmp_path, plan(), masks)
+    for missing in ({"masks": masks}, {"masks": None, "weight": weights.__getitem__, "dtype": torch.bfloat16},
+                    {"masks": {}, "weight": weights.__getitem__, "dtype": torch.bfloat16}):
+        with pytest.raises(ValueError, match=r"packed_weights needs masks and the pruned weights \(weight=, dtype=\)"):
+            write_artifact(tmp_path, plan(), **missing)
+    assert not read_plan(tmp_path).packed_weights  # the last artifact written is untouched
 
 
 def test_the_plan_refuses_packed_weights_with_a_full_checkpoint_or_masked_format():
@@ -105,21 +108,23 @@ def test_the_plan_refuses_packed_weights_with_a_full_checkpoint_or_masked_format
 
 def test_checked_against_the_plan(tmp_path):
     weights, masks = half()
-    write_artifact(tmp_path, plan(), masks, weight=weights.__getitem__)
+    write_artifact(tmp_path, plan(), masks, weight=weights.__getitem__, dtype=torch.bfloat16)
     with pytest.raises(ArtifactError, match=rf"packed_weights.safetensors: {KEY} has sparsity 0.5000; "
                                             r"adaspkv.json says layers\[0\].sparsity.self_attn.q_proj = 0.2500"):
         PackedWeights(tmp_path, plan(sparsity=0.25)).get(KEY)
-    with pytest.raises(ArtifactError, match=r"no mask for language_model.model.layers.1.self_attn.q_proj.weight"):
+    with pytest.raises(ArtifactError, match=r"no packed weight for language_model.model.layers.1.self_attn.q_proj.w"):
         PackedWeights(tmp_path, plan(layers=2))
     with pytest.raises(ArtifactError, match=r"no packed_weights.safetensors, but the plan says packed_weights = true"):
         PackedWeights(tmp_path / "elsewhere", plan())
+    with pytest.raises(ArtifactError, match=r"elsewhere: no packed_weights.safetensors$"):
+        PackedWeights(tmp_path / "elsewhere")
 
 
 def test_n_of_m_structure_is_checked(tmp_path):
     w = torch.ones(1, 8)
     keep = torch.tensor([[True, True, False, False, True, False, False, True]])  # 2 of 4 in each group
     masks = {mask_key(0, name): keep for name in LINEARS}
-    write_artifact(tmp_path, plan(structure="2:4"), masks, weight=lambda key: w * keep)
+    write_artifact(tmp_path, plan(structure="2:4"), masks, weight=lambda key: w * keep, dtype=torch.float32)
     PackedWeights(tmp_path, read_plan(tmp_path)).get(KEY)
     with pytest.raises(ArtifactError, match=r"row 0, inputs 0..3 keep 2 of 4; structure 3:4 allows 1"):
         PackedWeights(tmp_path, plan(structure="3:4", sparsity=0.5)).get(KEY)
@@ -148,11 +153,16 @@ def test_malformed_files(tmp_path):
         ({f"{KEY}.row_offsets": torch.tensor([0, 4])}, "row_offsets do not count the bits of each bitmask row"),
         ({f"{KEY}.row_offsets": torch.tensor([0, 5], dtype=torch.int32)}, r"row_offsets is torch.int32 \(2,\); int64"),
         ({f"{KEY}.values": good.values[:4]}, "values has 4 values; the bitmask keeps 5"),
+        ({f"{KEY}.values": good.values.long()}, r"values is torch.int64; allowed torch.bfloat16, torch.float16, "),
     ]
     for change, message in cases:
         write_raw(tmp_path, parts | change, {KEY: [1, 10]})
         with pytest.raises(ArtifactError, match=message):
             PackedWeights(tmp_path).get(KEY)
+    write_raw(tmp_path, parts, {KEY: [1, 10, 1]})
+    with pytest.raises(ArtifactError, match=rf"metadata 'shapes': {KEY} has shape \[1, 10, 1\]; a packed weight has "
+                                            r"\[rows, cols\]"):
+        PackedWeights(tmp_path)
     (tmp_path / PACKED_FILE).write_bytes(b"not safetensors")
     with pytest.raises(ArtifactError, match="packed_weights.safetensors: not a readable safetensors file"):
         PackedWeights(tmp_path)
