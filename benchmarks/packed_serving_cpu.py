@@ -35,7 +35,7 @@ import psutil
 from llava_7b_shaped import FIXTURE, REPO, PeakRSS, tree_memory  # this folder is on sys.path when run as a script
 
 from offline_search.evaluation.vllm_server import ServerConfig, VllmServer
-from vllm_adaspkv.format import read_geometry
+from vllm_adaspkv.format import read_geometry, read_plan
 
 BIN = Path(sys.executable).parent
 TEXT = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 4, "num_attention_heads": 16}
@@ -67,7 +67,8 @@ def run(command: list[str]) -> float:
 
 def prune(model: Path, out: Path, sparsity: float, pack: bool) -> dict:
     """A magnitude artifact (magnitude needs no statistics: the smallest calibration set will do)."""
-    if not (out / "adaspkv.json").is_file():
+    # an artifact of an earlier run is reused only when it is stored as asked (packed or masks)
+    if not ((out / "adaspkv.json").is_file() and read_plan(out).packed_weights == pack):
         run([str(BIN / "adaspkv"), "prune", "--model", str(model), "--metric", "magnitude", "--sparsity",
              str(sparsity), "--out", str(out), "--calibration-windows", "1", "--calibration-samples", "1",
              "--seq-len", "128", "--objective-windows", "1", "--objective-samples", "1",

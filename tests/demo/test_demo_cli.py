@@ -118,7 +118,7 @@ def test_default_artifact_is_searched_once_per_model(tmp_path):
     assert default_artifact_dir(tmp_path, str(tmp_path / "my-llava/")) == tmp_path / "artifacts" / "my-llava"
     command = search_command("shapes-llava", SHAPES_LLAVA, out, 3)
     assert command[:3] == [sys.executable, "-m", "offline_search.cli.main"]
-    assert command[3:] == ["search", "--model", "shapes-llava", "--sparsity", "0.5", "--kv-bits-budget", "6",
+    assert command[3:] == ["search", "--model", "shapes-llava", "--sparsity", "0.3", "--kv-bits-budget", "6",
                            "--trials", "3", "--seq-len", "256", "--out", str(out)]  # its whole context
 
 
