@@ -51,6 +51,24 @@ def mask_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.to(weight.device), weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
 
 
+def open_with_shapes(path: Path) -> tuple[object, list[str], dict]:
+    """An artifact's safetensors file opened lazily: (handle, tensor names, its metadata "shapes" as a dict)."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+        metadata = handle.metadata() or {}
+        names = list(handle.keys())
+    except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
+        raise ArtifactError(f"{path}: not a readable safetensors file ({exc})") from None
+    try:
+        shapes = json.loads(metadata["shapes"])
+        if not isinstance(shapes, dict):
+            raise TypeError
+    except (KeyError, json.JSONDecodeError, TypeError):
+        raise ArtifactError(f"{path}: metadata 'shapes' missing or not a JSON object; the shapes are "
+                            "unknown") from None
+    return handle, names, shapes
+
+
 class PackedMasks:
     """The masks of an artifact, opened lazily. With `plan`, every mask must be for a linear of one of
     its layers, every linear the plan prunes must have a mask (both checked on opening), and each mask's
@@ -61,17 +79,7 @@ class PackedMasks:
         self.plan = plan
         if not self.path.is_file():
             raise ArtifactError(f"{art_dir}: no {MASK_FILE}")
-        try:
-            self._file = safe_open(str(self.path), framework="pt")
-            metadata = self._file.metadata() or {}
-            keys = list(self._file.keys())
-        except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
-            raise ArtifactError(f"{self.path}: not a readable safetensors file ({exc})") from None
-        try:
-            shapes = json.loads(metadata["shapes"])
-        except (KeyError, json.JSONDecodeError):
-            raise ArtifactError(f"{self.path}: metadata 'shapes' missing or not JSON; the mask shapes are "
-                                "unknown") from None
+        self._file, keys, shapes = open_with_shapes(self.path)
         for key in keys:
             if key not in shapes:
                 raise ArtifactError(f"{self.path}: {key}: no shape in the metadata 'shapes'")

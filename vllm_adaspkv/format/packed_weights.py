@@ -22,9 +22,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from vllm_adaspkv.format.packed_masks import check_mask, check_mask_keys
+from vllm_adaspkv.format.packed_masks import check_mask, check_mask_keys, open_with_shapes
 from vllm_adaspkv.format.safetensors_stream import TensorSpec, write_streamed
 from vllm_adaspkv.format.schema import ArtifactError, Plan
 from vllm_adaspkv.sparse.packing import PackedWeight, keep_mask, pack
@@ -82,21 +81,13 @@ class PackedWeights:
         if not self.path.is_file():
             raise ArtifactError(f"{art_dir}: no {PACKED_FILE}" + (", but the plan says packed_weights = true"
                                                                   if plan is not None else ""))
-        try:
-            self._file = safe_open(str(self.path), framework="pt")
-            metadata = self._file.metadata() or {}
-            names = set(self._file.keys())
-        except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
-            raise ArtifactError(f"{self.path}: not a readable safetensors file ({exc})") from None
-        try:
-            self.shapes = {key: tuple(shape) for key, shape in json.loads(metadata["shapes"]).items()}
-        except (KeyError, json.JSONDecodeError, AttributeError, TypeError):
-            raise ArtifactError(f"{self.path}: metadata 'shapes' missing or not a JSON object; the weight shapes "
-                                "are unknown") from None
-        for key, shape in self.shapes.items():
-            if len(shape) != 2 or not all(type(n) is int and n >= 0 for n in shape):
-                raise ArtifactError(f"{self.path}: metadata 'shapes': {key} has shape {list(shape)}; a packed "
+        self._file, names, shapes = open_with_shapes(self.path)
+        names = set(names)
+        for key, shape in shapes.items():
+            if not isinstance(shape, list) or len(shape) != 2 or not all(type(n) is int and n >= 0 for n in shape):
+                raise ArtifactError(f"{self.path}: metadata 'shapes': {key} has shape {shape}; a packed "
                                     "weight has [rows, cols]")
+        self.shapes = {key: tuple(shape) for key, shape in shapes.items()}
         expected = {f"{key}.{part}" for key in self.shapes for part in PARTS}
         if names != expected:
             odd = sorted(names ^ expected)[:3]
