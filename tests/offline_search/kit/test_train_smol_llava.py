@@ -28,8 +28,17 @@ def test_cosine_lr_warms_up_then_decays_to_zero():
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_to_the_weights_of_an_unbroken_one(tmp_path, monkeypatch):
-    torch.set_num_threads(1)  # the same kernels in both runs: bitwise-comparable weights
+@pytest.fixture
+def one_thread():
+    """The same kernels in every run: bitwise-comparable weights. Restored after: later tests (the served
+    == offline comparisons) must run with the thread count they were measured with."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_killed_run_resumes_to_the_weights_of_an_unbroken_one(tmp_path, monkeypatch, one_thread):
     real_build, built = train_smol_llava.build_smol_llava, {}
 
     def build_once(spec, seed):  # SmolLM2 read from its GGUF file once, not in each of the three runs
