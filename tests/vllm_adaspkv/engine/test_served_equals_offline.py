@@ -51,10 +51,14 @@ def test_served_answers_and_logprobs_equal_offline(oracle, tmp_path, vllm_env, r
                                                                       offline["shapesvqa_predictions"])
     # the same windows, scored token by token: log-probabilities equal to float32 rounding
     assert served["wikitext2_windows"] == offline["wikitext2_windows"] == limit
-    assert served["wikitext2_ppl"] == pytest.approx(offline["wikitext2_ppl"], rel=1e-4)
+    # smol-llava at 8 bits: served 35.3478 and 35.3390 in two runs against 35.3494 offline (3e-5, 3e-4); the
+    # simulation with K/V jittered by 1e-6 moves by 6e-4: the rounding noise that 4 bits amplify to 0.5 %.
+    # 2e-3 still catches the 10 % masks not being applied (dense: 36.80 on these windows, 4 % away).
+    tolerance = 1e-4 if oracle == "shapes-llava" else 2e-3
+    assert served["wikitext2_ppl"] == pytest.approx(offline["wikitext2_ppl"], rel=tolerance)
     assert offline["wikitext2_ppl"] != pytest.approx(evaluate(  # and the artifact is not the dense model
         EvalConfig(model=oracle, tasks=("wikitext2",), limit=limit, seq_len=seq_len), model_dir)["wikitext2_ppl"],
-        rel=1e-3)
+        rel=5 * tolerance if oracle == "smol-llava" else 1e-3)
 
 
 def test_a_sharded_bf16_model_of_the_7b_family_serves_its_pruned_artifact(small_family_dir, tmp_path, vllm_env):
