@@ -27,7 +27,6 @@ def test_cosine_lr_warms_up_then_decays_to_zero():
     assert cosine_lr(1e-3, 100, 100, 10) == pytest.approx(0.0)
 
 
-@pytest.mark.slow
 @pytest.fixture
 def one_thread():
     """The same kernels in every run: bitwise-comparable weights. Restored after: later tests (the served
@@ -38,6 +37,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_weights_of_an_unbroken_one(tmp_path, monkeypatch, one_thread):
     real_build, built = train_smol_llava.build_smol_llava, {}
 
