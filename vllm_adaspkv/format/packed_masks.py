@@ -160,15 +160,20 @@ def check_mask(key: str, mask: torch.Tensor, plan: Plan | None, source: str) -> 
         raise ArtifactError(f"{source}: {key}: a mask must be bool, not {mask.dtype}")
     if plan is None:
         return
+    # counted, not averaged: exact, and no float copy of a mask with hundreds of millions of weights
+    check_kept_count(key, int(mask.sum()), mask.numel(), plan, source)
+    if plan.n_of_m() is not None:
+        _check_n_of_m(mask, *plan.n_of_m(), f"{source}: {key}")
+
+
+def check_kept_count(key: str, kept: int, total: int, plan: Plan, source: str) -> None:
+    """A weight keeping `kept` of `total` values must have the sparsity the plan gives its linear."""
     layer, linear = parse_mask_key(key)
     expected = plan.layers[layer].sparsity.get(linear, 0.0)
-    # counted, not averaged: exact, and no float copy of a mask with hundreds of millions of weights
-    measured = 1.0 - int(mask.sum()) / mask.numel() if mask.numel() else 0.0
+    measured = 1.0 - kept / total if total else 0.0
     if sparsity_differs(measured, expected):
         raise ArtifactError(f"{source}: {key} has sparsity {measured:.4f}; {PLAN_FILE} says "
                             f"layers[{layer}].sparsity.{linear} = {expected:.4f}")
-    if plan.n_of_m() is not None:
-        _check_n_of_m(mask, *plan.n_of_m(), f"{source}: {key}")
 
 
 def _check_n_of_m(mask: torch.Tensor, n: int, m: int, where: str) -> None:

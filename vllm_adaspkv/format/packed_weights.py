@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_adaspkv.format.packed_masks import check_mask, check_mask_keys, open_with_shapes
+from vllm_adaspkv.format.packed_masks import check_kept_count, check_mask, check_mask_keys, open_with_shapes
 from vllm_adaspkv.format.safetensors_stream import TensorSpec, write_streamed
 from vllm_adaspkv.format.schema import ArtifactError, Plan
 from vllm_adaspkv.sparse.packing import PackedWeight, keep_mask, pack
@@ -123,5 +123,8 @@ class PackedWeights:
             raise ArtifactError(f"{where}.values has {values.numel()} values; the bitmask keeps {int(offsets[-1])}")
         packed = PackedWeight(bitmask, values, offsets, cols)
         if self.plan is not None:  # sparsity (and N:M structure) against the plan, as for a mask
-            check_mask(key, keep_mask(packed), self.plan, str(self.path))
+            # the kept count is the values' length: a mask is unpacked only for an N:M structure
+            check_kept_count(key, values.numel(), rows * cols, self.plan, str(self.path))
+            if self.plan.n_of_m() is not None:
+                check_mask(key, keep_mask(packed), self.plan, str(self.path))
         return packed
