@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from offline_search.data.bundled_models import resolve_model
+from vllm_adaspkv.format import read_geometry
+
 REPO = Path(__file__).resolve().parent.parent
 ADASPKV = str(Path(sys.executable).with_name("adaspkv"))
 
@@ -41,13 +44,14 @@ SETTINGS = {
 }
 TITLES = {
     "pruning": "{model}, 50% sparsity of the language-model linears",
-    "kv": "{model}, per-layer KV-cache bits (simulated with the serving quantizer, group 32)",
+    "kv": "{model}, per-layer KV-cache bits (simulated with the serving quantizer, group 32 unless a row says otherwise)",
     "ablation": "{model}, 50% uniform: what costs the activation-aware metrics ShapesVQA accuracy",
 }
 PPL_DIGITS = {"pruning": 2, "kv": 4, "ablation": 2}  # KV plans differ in the third decimal of perplexity
 
 
 def kv_rows(model: str, trials: int, seeds: list[int]) -> list[tuple[str, str, list[str] | None]]:
+    head_dim = read_geometry(resolve_model(model)).head_dim
     kv_only = ["--model", model, "--sparsity", "0", "--allocation", "uniform"]
     # KV-only searches score plans by KL to the 16-bit model: mean-6-bit plans differ by 0.01% in
     # perplexity, below the noise of 64 validation windows (results/shapes-llava/README.md)
@@ -56,6 +60,11 @@ def kv_rows(model: str, trials: int, seeds: list[int]) -> list[tuple[str, str, l
     table += [(f"uniform{b}", f"uniform {b}-bit", ["prune", *kv_only, "--kv-bits", str(b)]) for b in (8, 6, 4, 2)]
     table += [(f"uniform{b}-hadamard", f"uniform {b}-bit, Hadamard-rotated keys",
                ["prune", *kv_only, "--kv-bits", str(b), "--kv-key-rotation", "hadamard"]) for b in (4, 2)]
+    # One scale pair per head (group = head_dim) instead of per 32 values: 0.25-0.5 bit less a value.
+    table += [(f"uniform{b}-g{head_dim}", f"uniform {b}-bit, group {head_dim} (one scale pair per head)",
+               ["prune", *kv_only, "--kv-bits", str(b), "--kv-group", str(head_dim)]) for b in (8, 6, 4)]
+    table += [(f"uniform4-hadamard-g{head_dim}", f"uniform 4-bit, Hadamard-rotated keys, group {head_dim}",
+               ["prune", *kv_only, "--kv-bits", "4", "--kv-key-rotation", "hadamard", "--kv-group", str(head_dim)])]
     for b in (6, 4.5):
         table += seeded(f"search{str(b).replace('.', '_')}", f"searched, mean <= {b} bits, KL objective ({trials} trials)",
                         [*kv_search, "--kv-bits-budget", str(b), "--trials", str(trials)], seeds)

@@ -132,7 +132,10 @@ def startup_table(served: ServedArtifact, dense_element_bytes: int, budget_bytes
         return bytes_per_token(bits, heads, geometry.head_dim, group, element_bytes)
 
     ranks = f", {heads} of {geometry.num_kv_heads} KV heads on each of {tensor_parallel} ranks" if tensor_parallel > 1 else ""
+    rotation = ", keys Hadamard-rotated" if plan.kv_quant.key_rotation == "hadamard" else ""
     lines = [f"adaspkv: serving {served.artifact_dir} (model {served.model_dir}{ranks})",
+             f"KV quantization below 16 bits: asymmetric codes, one fp16 scale + zero per {group} of "
+             f"{geometry.head_dim} values of a head{rotation}",
              f"{'layer':>5} {'kv bits':>7} {'bytes/token':>11} {'sparsity':>8}"]
     sparsity = plan.layer_sparsity(geometry.linear_sizes())
     for i, layer in enumerate(plan.layers):

@@ -60,6 +60,16 @@ def test_startup_table_by_hand(tmp_path, tiny_llava_dir):
     assert "KV bytes per token: 336 (16-bit cache: 512)" in table and "1.52x" in table
     # 2^20 / (16 x 336) = 195 whole blocks of 16 tokens; 2^20 / (16 x 512) = 128 blocks
     assert "KV budget 1048576 bytes: 3120 tokens (16-bit cache: 2048)" in table
+    assert "one fp16 scale + zero per 32 of 32 values of a head\n" in table
+
+
+def test_startup_table_names_the_group_and_the_key_rotation(tmp_path, tiny_llava_dir):
+    art = make_artifact(tmp_path / "a", tiny_llava_dir, [16, 4])
+    rewrite_plan(art, **{"kv_quant.group_size": 16, "kv_quant.key_rotation": "hadamard"})
+    table = startup_table(open_artifact(art), dense_element_bytes=2, budget_bytes=None, block_size=16)
+    # 4-bit at group 16: 2 KV heads x (K + V) x (16 code bytes + 2 groups x 4 scale bytes) = 96
+    assert "    1       4          96    0.000" in table
+    assert "one fp16 scale + zero per 16 of 32 values of a head, keys Hadamard-rotated" in table
 
 
 def test_zero_count_checks_every_linear_against_the_plan(artifact):
