@@ -17,10 +17,8 @@ def capacity_summary(plan: Plan, geometry: ModelGeometry | None) -> str:
     if geometry is None:
         return f"Mean KV bits: {plan.mean_kv_bits():g} (the base model's config is not readable here)."
 
-    def token_bytes(bits: list[int]) -> int:
-        return bytes_per_token(bits, geometry.num_kv_heads, geometry.head_dim, plan.kv_quant.group_size)
-
-    ours, dense = token_bytes([layer.kv_bits for layer in plan.layers]), token_bytes([16] * plan.num_layers())
+    ours = plan.kv_bytes_per_token(geometry.num_kv_heads, geometry.head_dim)
+    dense = bytes_per_token([16] * plan.num_layers(), geometry.num_kv_heads, geometry.head_dim, plan.kv_quant.group_size)
     return (f"**KV cache capacity: {dense / ours:.2f}x** the tokens of a 16-bit cache in the same memory "
             f"({ours:,} bytes per token against {dense:,}; mean {plan.mean_kv_bits():g} KV bits, "
             f"group {plan.kv_quant.group_size}).")

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from offline_search.data.bundled_models import resolve_model
-from vllm_adaspkv.format import read_geometry
+from vllm_adaspkv.format import Plan, read_geometry
+from vllm_adaspkv.kv.quant import bytes_per_token
 
 REPO = Path(__file__).resolve().parent.parent
 ADASPKV = str(Path(sys.executable).with_name("adaspkv"))
@@ -63,6 +64,8 @@ def kv_rows(model: str, trials: int, seeds: list[int]) -> list[tuple[str, str, l
     # One scale pair per head (group = head_dim) instead of per 32 values: 0.25-0.5 bit less a value.
     table += [(f"uniform{b}-g{head_dim}", f"uniform {b}-bit, group {head_dim} (one scale pair per head)",
                ["prune", *kv_only, "--kv-bits", str(b), "--kv-group", str(head_dim)]) for b in (8, 6, 4)]
+    table += [("uniform8-fp8", "uniform 8-bit as float8 e4m3 values (vLLM's fp8 cache, no scales)",
+               ["prune", *kv_only, "--kv-bits", "8", "--kv-eight-bit", "fp8_e4m3"])]
     table += [(f"uniform4-hadamard-g{head_dim}", f"uniform 4-bit, Hadamard-rotated keys, group {head_dim}",
                ["prune", *kv_only, "--kv-bits", "4", "--kv-key-rotation", "hadamard", "--kv-group", str(head_dim)])]
     for b in (6, 4.5):
@@ -185,13 +188,15 @@ def write_table(title: str, protocol: str, table, out: Path, commands: list[str]
              f"{protocol} and ShapesVQA test accuracy ({settings_questions(args.model)} questions), offline through "
              f"transformers. Produced by "
              f"`.venv/bin/python {command}` on a 2-core CPU machine.", "",
-             "| method | WikiText-2 ppl | ShapesVQA acc | mean sparsity | KV bits per layer | time to compress |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| method | WikiText-2 ppl | ShapesVQA acc | mean sparsity | KV bits per layer | KV bytes per token "
+             "| time to compress |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    geometry = read_geometry(resolve_model(args.model))
     groups: dict[str, list[dict]] = {}
     for row, label, _ in table:
         path = out / f"{row}.json"
         if not path.is_file():
-            lines.append(f"| {label} | not run | | | | |")
+            lines.append(f"| {label} | not run | | | | | |")
             continue
         data = json.loads(path.read_text())
         if ", seed " in label:
@@ -199,10 +204,14 @@ def write_table(title: str, protocol: str, table, out: Path, commands: list[str]
         sparsity = data["plan"]["evaluation"]["mean_sparsity"] if "plan" in data else ""
         sparsity = f"{sparsity:.4f}" if sparsity != "" else ("0" if row == "dense" else "")
         bits = [layer["kv_bits"] for layer in data["plan"]["layers"]] if "plan" in data else []
+        # K and V of every layer and KV head, scales included; 16-bit layers at 2 bytes a value
+        token_bytes = (Plan.from_json(data["plan"], str(path)).kv_bytes_per_token(geometry.num_kv_heads, geometry.head_dim)
+                       if "plan" in data else bytes_per_token([16] * geometry.num_layers, geometry.num_kv_heads,
+                                                              geometry.head_dim, 32))
         bits = "/".join(map(str, bits)) or "16"
         se = f" +- {data['wikitext2_ppl_se']:.{ppl_digits}f}" if "wikitext2_ppl_se" in data else ""
         lines.append(f"| {label} | {data['wikitext2_ppl']:.{ppl_digits}f}{se} | {data['shapesvqa_accuracy']:.3f} | "
-                     f"{sparsity} | {bits} | {data.get('compress_seconds', 0):.0f} s |")
+                     f"{sparsity} | {bits} | {token_bytes} | {data.get('compress_seconds', 0):.0f} s |")
     for label, runs in groups.items():
         if len(runs) < 2:
             continue
@@ -210,7 +219,7 @@ def write_table(title: str, protocol: str, table, out: Path, commands: list[str]
         acc = [r["shapesvqa_accuracy"] for r in runs]
         lines.append(f"| {label}: mean of {len(runs)} seeds (min-max) | {statistics.mean(ppl):.{ppl_digits}f} "
                      f"({min(ppl):.{ppl_digits}f}-{max(ppl):.{ppl_digits}f}) | {statistics.mean(acc):.3f} "
-                     f"({min(acc):.3f}-{max(acc):.3f}) | | | |")
+                     f"({min(acc):.3f}-{max(acc):.3f}) | | | | |")
     lines += ["", "Commands (run from the repository root, `adaspkv` = `.venv/bin/adaspkv`):", "", "```"]
     lines += commands + ["```", ""]
     (out.parent / f"{out.name}.md").write_text("\n".join(lines))

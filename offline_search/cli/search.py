@@ -15,7 +15,7 @@ from offline_search.model.calibration import CalibrationConfig
 from offline_search.model.objective import OBJECTIVES, ObjectiveConfig
 from offline_search.search.config import ALLOCATIONS, COMPARISONS, DEVICES, KV_SEARCHES, WARM_STARTS, CompressConfig
 from vllm_adaspkv.errors import ConfigError
-from vllm_adaspkv.format import KEY_ROTATIONS
+from vllm_adaspkv.format import EIGHT_BIT_FORMATS, KEY_ROTATIONS
 from vllm_adaspkv.kv.quant import KV_BITS
 
 HELP = "search per-layer sparsity with Optuna TPE and write a compressed artifact"
@@ -49,6 +49,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, allocations: tuple[str
     parser.add_argument("--kv-key-rotation", choices=KEY_ROTATIONS, default="none",
                         help="quantize keys in the Hadamard basis (spreads outlier channels; head_dim a "
                              "power of two) (default: %(default)s)")
+    parser.add_argument("--kv-eight-bit", choices=EIGHT_BIT_FORMATS, default="int8",
+                        help="how 8-bit KV layers are stored: int8 codes with a scale pair per group, or fp8_e4m3 "
+                             "values (vLLM's fp8 cache: 1 byte a value, no scales; served on CPU only) "
+                             "(default: %(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="artifact directory to write")
     parser.add_argument("--full-checkpoint", action="store_true",
                         help="also write the pruned checkpoint (llava-hf layout) into --out "
@@ -140,7 +144,7 @@ def config_from_args(args: argparse.Namespace) -> CompressConfig:
         seed=args.seed, warm_start=warm, amia=args.amia, comparison=args.comparison, objective=objective, calibration=calibration,
         full_checkpoint=args.full_checkpoint, pack=args.pack, cache_dir=args.cache_dir, device=args.device,
         kv_bits=args.kv_bits, kv_group=args.kv_group, kv_key_rotation=args.kv_key_rotation,
-        **_kv_search_args(args))
+        kv_eight_bit=args.kv_eight_bit, **_kv_search_args(args))
 
 
 def _kv_search_args(args: argparse.Namespace) -> dict:

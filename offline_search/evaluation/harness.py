@@ -89,8 +89,7 @@ def load_model(model_dir: Path, artifact: str | None):
     if any(layer.kv_bits != 16 for layer in plan.layers):  # the KV plan, simulated with the serving quantizer
         from offline_search.model.kv_simulation import apply_kv_plan
 
-        apply_kv_plan(model, [layer.kv_bits for layer in plan.layers], plan.kv_quant.group_size,
-                      plan.kv_quant.key_rotation == "hadamard")
+        apply_kv_plan(model, [layer.kv_bits for layer in plan.layers], plan.kv_quant)
     linears = model_linears(model)
     if plan.full_checkpoint:  # the pruned weights themselves: their zeros must match the plan
         zeros = art.ZeroCount(plan)

@@ -69,7 +69,7 @@ def compress(config: CompressConfig) -> Path | None:
             if layer_sparsity is not None:
                 pruner.apply(per_linear(layer_sparsity, num_layers), keep_masks=False)
             if bits is not None:
-                apply_kv_plan(model, bits, config.kv_group, config.rotate_keys)
+                apply_kv_plan(model, bits, config.kv_scheme)
             return objective()
 
         warm = _warm_start(config, stats, pruner, num_layers) if config.warm_start else None
@@ -88,7 +88,7 @@ def compress(config: CompressConfig) -> Path | None:
                        "timing": study.user_attrs.get("timing")}
     masks = pruner.apply(plan, progress=config.show_progress)
     if any(b != 16 for b in kv_bits):
-        apply_kv_plan(model, kv_bits, config.kv_group, config.rotate_keys)
+        apply_kv_plan(model, kv_bits, config.kv_scheme)
     value = objective()
     evaluation = {"objective": config.objective.describe(), "dense": dense_value, "pruned": value}
     print(f"compressed model: {config.objective.describe()} = {value:.6g}")

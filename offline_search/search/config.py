@@ -14,7 +14,7 @@ from offline_search.model.calibration import CalibrationConfig
 from offline_search.model.objective import ObjectiveConfig
 from vllm_adaspkv.errors import ConfigError
 from vllm_adaspkv.format import StrictModel
-from vllm_adaspkv.format.schema import KeyRotation
+from vllm_adaspkv.format.schema import EightBitFormat, KeyRotation, KVQuantScheme
 from vllm_adaspkv.format.strict import AsTuple, LaxPath, PathText, int_choice
 from vllm_adaspkv.kv.quant import KV_BITS
 
@@ -56,6 +56,7 @@ class CompressConfig(StrictModel):
     kv_choices: Annotated[tuple[int, ...], AsTuple] = (2, 4, 6, 8, 16)  # ascending after validation
     kv_group: Annotated[int, Field(ge=1)] = 32  # quantization group along the head dimension
     kv_key_rotation: KeyRotation = "none"
+    kv_eight_bit: EightBitFormat = "int8"  # fp8_e4m3: 8-bit layers store float8 e4m3 values (vLLM's fp8 cache)
     full_checkpoint: bool = False
     pack: bool = False  # served packed on CPU; stored packed (packed_weights.safetensors) unless full_checkpoint
     cache_dir: LaxPath | None = None  # default: $ADASPKV_CACHE_DIR or ~/.cache/adaspkv
@@ -118,8 +119,9 @@ class CompressConfig(StrictModel):
         return self.allocation == "tpe" or self.kv_search != "none"
 
     @property
-    def rotate_keys(self) -> bool:
-        return self.kv_key_rotation == "hadamard"
+    def kv_scheme(self) -> KVQuantScheme:
+        """How K/V are stored below 16 bits: what the search simulates and the artifact records."""
+        return KVQuantScheme(group_size=self.kv_group, key_rotation=self.kv_key_rotation, eight_bit=self.kv_eight_bit)
 
     @property
     def uses_das(self) -> bool:
@@ -157,4 +159,5 @@ class CompressConfig(StrictModel):
                 "allocation": self.allocation, "kv_search": self.kv_search, "kv_bits_budget": self.kv_bits_budget,
                 "kv_choices": list(self.kv_choices), "kv_group": self.kv_group,
                 "kv_key_rotation": self.kv_key_rotation,
+                **({"kv_eight_bit": self.kv_eight_bit} if self.kv_eight_bit != "int8" else {}),
                 **({"comparison": self.comparison} if self.comparison else {})}  # studies from before it resume

@@ -13,7 +13,7 @@ from offline_search.data.checkpoint import save_llava_checkpoint
 from offline_search.model.llava import model_geometry, model_linears
 from offline_search.search.config import CompressConfig
 from offline_search.search.report import write_report
-from vllm_adaspkv.format import (LINEARS, BaseCheckpoint, Evaluation, KVQuantScheme, LayerPlan, Plan, Provenance,
+from vllm_adaspkv.format import (LINEARS, BaseCheckpoint, Evaluation, LayerPlan, Plan, Provenance,
                                  mask_key, model_sha256, retract_artifact, write_artifact)
 
 
@@ -49,7 +49,7 @@ def export_artifact(config: CompressConfig, model, processor, model_dir: Path, b
         # relative: an artifact moved together with its base model (or copied beside it) still finds it
         base_model=BaseCheckpoint(path=os.path.relpath(Path(model_dir).resolve(), out.resolve()), sha256=base_sha256),
         layers=layer_plans(masks, kv_bits),
-        kv_quant=KVQuantScheme(group_size=config.kv_group, key_rotation=config.kv_key_rotation),
+        kv_quant=config.kv_scheme,
         metric=config.metric, structure=config.structure,
         allocation=config.allocation + ("+amia" if config.amia else ""),
         full_checkpoint=full, checkpoint_sha256=checkpoint_sha256, provenance=provenance,

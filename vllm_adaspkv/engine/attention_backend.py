@@ -117,6 +117,10 @@ class AdaspkvAttentionImpl(AttentionImpl[AdaspkvAttentionMetadata]):
         self.attn_type = attn_type
         if current_platform.is_cpu():  # build (or load) the C++ kernels now, not in the first step
             kv_ops(cuda=False)
+        elif self.kv_format.fp8:
+            raise ValueError("adaspkv: the fp8 KV tier (kv_quant.eight_bit fp8_e4m3) has C++ CPU kernels only; "
+                             "the GPU (Triton) kernels store 8 bits as int8 codes: re-export with "
+                             "--kv-eight-bit int8 to serve on a GPU")
 
     def _pages(self, kv_cache: torch.Tensor, heads_first: bool) -> torch.Tensor:
         """This layer's cache as [blocks, kv heads, block_size, token_head_bytes]."""
@@ -180,7 +184,8 @@ class AdaspkvAttentionBackend(AttentionBackend):
 
 
 def _name(fmt: KVFormat) -> str:
-    return f"{fmt.bits}bit_g{fmt.group}_d{fmt.head_dim}{'_hadamard' if fmt.rotate_keys else ''}"
+    stored = "fp8" if fmt.fp8 else f"{fmt.bits}bit_g{fmt.group}"
+    return f"{stored}_d{fmt.head_dim}{'_hadamard' if fmt.rotate_keys else ''}"
 
 
 @functools.cache

@@ -114,7 +114,8 @@ def kv_formats(served: ServedArtifact) -> list[KVFormat | None]:
     """Per decoder layer its quantized KV format, or None for a 16-bit layer (vLLM's own cache)."""
     scheme = served.plan.kv_quant
     return [None if layer.kv_bits == 16 else
-            KVFormat(layer.kv_bits, served.geometry.head_dim, scheme.group_size, scheme.key_rotation == "hadamard")
+            KVFormat(layer.kv_bits, served.geometry.head_dim, scheme.group_size, scheme.key_rotation == "hadamard",
+                     scheme.fp8(layer.kv_bits))
             for layer in served.plan.layers]
 
 
@@ -125,23 +126,25 @@ def startup_table(served: ServedArtifact, dense_element_bytes: int, budget_bytes
     parallelism each rank holds its share of the KV heads (at least one: vLLM replicates them when
     there are fewer heads than ranks), and the budget is per rank."""
     plan, geometry = served.plan, served.geometry
-    group = plan.kv_quant.group_size
+    scheme, group = plan.kv_quant, plan.kv_quant.group_size
     heads = max(1, geometry.num_kv_heads // tensor_parallel)
 
-    def token_bytes(bits: list[int], element_bytes: int = dense_element_bytes) -> int:
-        return bytes_per_token(bits, heads, geometry.head_dim, group, element_bytes)
+    def token_bytes(layers: range) -> int:
+        return plan.kv_bytes_per_token(heads, geometry.head_dim, layers, dense_element_bytes)
 
     ranks = f", {heads} of {geometry.num_kv_heads} KV heads on each of {tensor_parallel} ranks" if tensor_parallel > 1 else ""
-    rotation = ", keys Hadamard-rotated" if plan.kv_quant.key_rotation == "hadamard" else ""
+    rotation = ", keys Hadamard-rotated" if scheme.key_rotation == "hadamard" else ""
+    rotation += "; 8 bits (fp8) as float8 e4m3 values, no scales" if scheme.eight_bit == "fp8_e4m3" else ""
     lines = [f"adaspkv: serving {served.artifact_dir} (model {served.model_dir}{ranks})",
              f"KV quantization below 16 bits: asymmetric codes, one fp16 scale + zero per {group} of "
              f"{geometry.head_dim} values of a head{rotation}",
              f"{'layer':>5} {'kv bits':>7} {'bytes/token':>11} {'sparsity':>8}"]
     sparsity = plan.layer_sparsity(geometry.linear_sizes())
     for i, layer in enumerate(plan.layers):
-        lines.append(f"{i:>5} {layer.kv_bits:>7} {token_bytes([layer.kv_bits]):>11} {sparsity[i]:>8.3f}")
-    total = token_bytes([layer.kv_bits for layer in plan.layers])
-    sixteen_bit = token_bytes([16] * plan.num_layers(), 2)
+        bits = "fp8" if scheme.fp8(layer.kv_bits) else layer.kv_bits
+        lines.append(f"{i:>5} {bits:>7} {token_bytes(range(i, i + 1)):>11} {sparsity[i]:>8.3f}")
+    total = token_bytes(range(plan.num_layers()))
+    sixteen_bit = bytes_per_token([16] * plan.num_layers(), heads, geometry.head_dim, group)
     lines.append(f"KV bytes per token: {total} (16-bit cache: {sixteen_bit}); the same memory holds "
                  f"{sixteen_bit / total:.2f}x the tokens of a 16-bit cache")
     if budget_bytes:

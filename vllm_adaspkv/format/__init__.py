@@ -41,6 +41,7 @@ from vllm_adaspkv.format.packed_masks import (
 from vllm_adaspkv.format.packed_weights import PACKED_FILE, PackedWeights
 from vllm_adaspkv.format.schema import (
     FORMAT_VERSION,
+    EIGHT_BIT_FORMATS,
     KEY_ROTATIONS,
     LINEARS,
     PLAN_METRICS,
@@ -59,7 +60,7 @@ from vllm_adaspkv.format.schema import (
 from vllm_adaspkv.format.strict import StrictModel
 
 __all__ = [
-    "FORMAT_VERSION", "KEY_ROTATIONS", "LINEARS", "MASK_FILE", "PACKED_FILE", "PLAN_FILE", "PLAN_METRICS", "SPARSITY_TOLERANCE",
+    "EIGHT_BIT_FORMATS", "FORMAT_VERSION", "KEY_ROTATIONS", "LINEARS", "MASK_FILE", "PACKED_FILE", "PLAN_FILE", "PLAN_METRICS", "SPARSITY_TOLERANCE",
     "AdaspkvError", "ArtifactError", "BaseCheckpoint", "ConfigError", "Evaluation", "KVQuantScheme", "LayerPlan",
     "ModelGeometry", "PackedMaskMap", "PackedMasks", "PackedWeights", "Plan", "Provenance", "StrictModel", "ZeroCount", "base_model_dir", "canonical_key",
     "check_base_model", "check_checkpoint", "checkpoint_files", "check_mask_shapes", "check_num_layers", "checkpoint_shapes",

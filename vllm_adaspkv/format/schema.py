@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import Field, field_validator, model_validator
 
 from vllm_adaspkv.format.strict import AdaspkvError, AsTuple, PathText, StrictModel, int_choice
-from vllm_adaspkv.kv.quant import KV_BITS
+from vllm_adaspkv.kv.quant import KV_BITS, bytes_per_token
 
 FORMAT_VERSION = 1
 Linear = Literal["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -26,6 +26,8 @@ ScaleDtype = Literal["float16", "float32", "bfloat16"]
 KeyRotation = Literal["none", "hadamard"]
 WeightFormat = Literal["masked", "packed"]
 KEY_ROTATIONS: tuple[str, ...] = get_args(KeyRotation)
+EightBitFormat = Literal["int8", "fp8_e4m3"]
+EIGHT_BIT_FORMATS: tuple[str, ...] = get_args(EightBitFormat)
 # Export records each mask's measured sparsity, so plan and masks agree up to float rounding; 1e-3 still
 # catches a mask paired with the wrong plan (sparsity grids are much coarser than that). Every zero count
 # (masks, pruned checkpoints, served weights) is compared with the plan at this tolerance.
@@ -70,6 +72,13 @@ class KVQuantScheme(StrictModel):
     symmetric: bool = False
     scale_dtype: ScaleDtype = "float16"
     key_rotation: KeyRotation = Field("none", description="'hadamard': keys are quantized in the Hadamard basis")
+    eight_bit: EightBitFormat = Field(
+        "int8", description="how 8-bit layers store K/V: 'int8' codes with a scale pair per group, or 'fp8_e4m3' "
+                            "(vLLM's fp8 cache: one float8 e4m3 byte a value, no scales, clipped to +-448; CPU only)")
+
+    def fp8(self, kv_bits: int) -> bool:
+        """Whether a layer of `kv_bits` stores float8 e4m3 values."""
+        return kv_bits == 8 and self.eight_bit == "fp8_e4m3"
 
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -188,6 +197,15 @@ class Plan(StrictModel):
 
     def mean_kv_bits(self) -> float:
         return sum(layer.kv_bits for layer in self.layers) / len(self.layers)
+
+    def kv_bytes_per_token(self, num_kv_heads: int, head_dim: int, layers: range | None = None,
+                           dense_element_bytes: int = 2) -> int:
+        """KV-cache bytes of one token (K and V of `num_kv_heads` heads in each of `layers`, default all;
+        scales included) as this plan stores them; 16-bit layers at `dense_element_bytes` a value."""
+        bits = [self.layers[i].kv_bits for i in (layers if layers is not None else range(len(self.layers)))]
+        scheme = self.kv_quant
+        return bytes_per_token(bits, num_kv_heads, head_dim, scheme.group_size, dense_element_bytes,
+                               scheme.eight_bit == "fp8_e4m3")
 
     def layer_sparsity(self, params_per_linear: Mapping[str, int]) -> list[float]:
         """Per decoder layer, the share of its linear weights that are zero: what "a layer's sparsity"

@@ -6,7 +6,8 @@ one the search's simulation uses, so what was measured offline is what is served
 
 One layer's cache is a uint8 tensor [num_blocks, num_kv_heads, block_size, row_bytes] (vLLM's
 `LBHNC` page layout). A token's row for one KV head is `[K row | V row]`, each row as
-`kv.quant.quantize` packs it: codes, then one fp16 (scale, zero) pair per group. Keys may be stored
+`kv.quant.quantize` packs it: codes, then one fp16 (scale, zero) pair per group (or, for the fp8
+tier, one float8 e4m3 byte a value). Keys may be stored
 in the Hadamard basis (`rotate_keys`); attention then rotates the query instead of every key,
 since q . k = (q H) . (k H).
 
@@ -33,16 +34,17 @@ class KVFormat:
     head_dim: int
     group: int = 32
     rotate_keys: bool = False
+    fp8: bool = False  # 8 bits as float8 e4m3 values (no scales) instead of codes with a scale pair per group
 
     def __post_init__(self):
-        quant.check_layout(self.bits, self.head_dim, self.group)
+        quant.check_layout(self.bits, self.head_dim, self.group, self.fp8)
         if self.rotate_keys:
             quant.hadamard(self.head_dim)  # raises unless head_dim is a power of two
 
     @property
     def row_bytes(self) -> int:
         """Bytes of one token's K row; V is the same."""
-        return quant.bytes_per_token_head(self.bits, self.head_dim, self.group)
+        return quant.bytes_per_token_head(self.bits, self.head_dim, self.group, self.fp8)
 
     @property
     def token_head_bytes(self) -> int:
@@ -61,7 +63,7 @@ def encode(key: torch.Tensor, value: torch.Tensor, fmt: KVFormat) -> torch.Tenso
     """key, value [T, H, D] -> uint8 rows [T, H, fmt.token_head_bytes]. K and V are quantized in
     one call (the quantizer works row by row, so the bytes are the same; half the tensor ops)."""
     kv = kv_to_store(key, value, fmt)  # [T, H, 2, D]
-    return quant.quantize(kv, fmt.bits, fmt.group).flatten(-2)  # [T, H, 2 * row_bytes]
+    return quant.quantize(kv, fmt.bits, fmt.group, fmt.fp8).flatten(-2)  # [T, H, 2 * row_bytes]
 
 
 def decode(rows: torch.Tensor, fmt: KVFormat, dtype: torch.dtype,
@@ -70,7 +72,7 @@ def decode(rows: torch.Tensor, fmt: KVFormat, dtype: torch.dtype,
     rows where `valid` [...] is False decode to 0. K and V rows are decoded in one pass (half the
     tensor ops: they dominate on CPU)."""
     kv = quant.dequantize(rows.unflatten(-1, (2, fmt.row_bytes)), fmt.bits, fmt.head_dim, fmt.group, dtype,
-                          None if valid is None else valid[..., None])
+                          None if valid is None else valid[..., None], fmt.fp8)
     return kv[..., 0, :], kv[..., 1, :]  # [..., D] each
 
 

@@ -8,6 +8,10 @@ zero = min(group) and scale = (max - min) / (2^bits - 1); x ~ q * scale + zero. 
 little-endian within a byte: 8 bits one code per byte, 4 bits two per byte (first code in the low
 nibble), 2 bits four per byte, 6 bits four codes in three bytes (24 bits, first code lowest).
 16 bits stores the values themselves as fp16, two bytes each, with no scales.
+
+The 8-bit tier has a second format (`fp8=True`): each value one float8 e4m3 byte (vLLM's fp8 cache with
+its default scale of 1: no scales stored, values clipped to +-448), head_dim bytes a row against
+head_dim + 4 * head_dim / group for 8-bit codes.
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ SCALE_BYTES = 4  # fp16 scale + fp16 zero point per group
 # 20,000, and a group's range can be several times that): scales, zero points and 16-bit values are
 # clamped to it before they are stored, so no group turns into inf or NaN; values beyond it clip.
 FP16_MAX = 65504.0
+FP8_MAX = 448.0  # float8 e4m3's largest finite value: larger keys and values clip to it
 
 
-def check_layout(bits: int, head_dim: int, group: int) -> None:
+def check_layout(bits: int, head_dim: int, group: int, fp8: bool = False) -> None:
     if bits not in KV_BITS:
         raise ConfigError(f"KV bits {bits}: allowed {', '.join(map(str, KV_BITS))}")
-    if bits == 16:
+    if fp8 and bits != 8:
+        raise ConfigError(f"float8 e4m3 is a format of the 8-bit tier, not of {bits}-bit layers")
+    if bits == 16 or fp8:
         return
     if group < 1 or head_dim % group:
         raise ConfigError(f"KV group size {group} must divide head_dim {head_dim}")
@@ -39,27 +46,32 @@ def check_layout(bits: int, head_dim: int, group: int) -> None:
         raise ConfigError(f"{bits}-bit codes pack {per} at a time: the group size {group} must be a multiple of {per}")
 
 
-def bytes_per_token_head(bits: int, head_dim: int, group: int) -> int:
+def bytes_per_token_head(bits: int, head_dim: int, group: int, fp8: bool = False) -> int:
     """Bytes of one token's K (or V) for one KV head, scales included."""
-    check_layout(bits, head_dim, group)
+    check_layout(bits, head_dim, group, fp8)
     if bits == 16:
         return 2 * head_dim
+    if fp8:
+        return head_dim
     return head_dim * bits // 8 + (head_dim // group) * SCALE_BYTES
 
 
 def bytes_per_token(bits_per_layer: Sequence[int], num_kv_heads: int, head_dim: int, group: int,
-                    dense_element_bytes: int = 2) -> int:
+                    dense_element_bytes: int = 2, fp8: bool = False) -> int:
     """KV-cache bytes of one token over the given layers: K and V of every KV head, scales included.
-    A 16-bit layer stays in vLLM's own cache, `dense_element_bytes` per value (2: bf16 or fp16)."""
+    A 16-bit layer stays in vLLM's own cache, `dense_element_bytes` per value (2: bf16 or fp16);
+    with `fp8`, 8-bit layers store float8 e4m3."""
     return sum(2 * num_kv_heads * (dense_element_bytes * head_dim if bits == 16 else
-                                   bytes_per_token_head(bits, head_dim, group))
+                                   bytes_per_token_head(bits, head_dim, group, fp8 and bits == 8))
                for bits in bits_per_layer)
 
 
-def quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """x [..., head_dim] (any float dtype) -> uint8 [..., bytes_per_token_head(bits, head_dim, group)]."""
+def quantize(x: torch.Tensor, bits: int, group: int, fp8: bool = False) -> torch.Tensor:
+    """x [..., head_dim] (any float dtype) -> uint8 [..., bytes_per_token_head(bits, head_dim, group, fp8)]."""
     head_dim = x.shape[-1]
-    check_layout(bits, head_dim, group)
+    check_layout(bits, head_dim, group, fp8)
+    if fp8:  # nearest e4m3 value, ties to even; clamped first since e4m3fn has no infinity (overflow is NaN)
+        return x.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
     if bits == 16:
         return x.float().clamp(-FP16_MAX, FP16_MAX).to(torch.float16).view(torch.uint8).reshape(*x.shape[:-1], 2 * head_dim)
     g = x.float().reshape(*x.shape[:-1], head_dim // group, group)  # [..., groups, group]
@@ -76,17 +88,18 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 
 
 def dequantize(packed: torch.Tensor, bits: int, head_dim: int, group: int,
-               dtype: torch.dtype = torch.float32, valid: torch.Tensor | None = None) -> torch.Tensor:
+               dtype: torch.dtype = torch.float32, valid: torch.Tensor | None = None, fp8: bool = False) -> torch.Tensor:
     """uint8 [..., bytes] -> [..., head_dim] in `dtype`. Rows where `valid` (bool, broadcast to
     [...]) is False decode to 0 whatever their bytes hold (a paged cache's unwritten rows may hold
     NaN patterns): the mask is applied to the per-group scales, 1/8 to 1/32 of the values' size."""
-    nbytes = bytes_per_token_head(bits, head_dim, group)
+    nbytes = bytes_per_token_head(bits, head_dim, group, fp8)
     if packed.shape[-1] != nbytes:
-        raise ValueError(f"packed rows have {packed.shape[-1]} bytes; {bits}-bit, head_dim {head_dim}, "
-                         f"group {group} needs {nbytes}")
+        raise ValueError(f"packed rows have {packed.shape[-1]} bytes; {'fp8' if fp8 else f'{bits}-bit'}, "
+                         f"head_dim {head_dim}, group {group} needs {nbytes}")
     lead = packed.shape[:-1]
-    if bits == 16:
-        values = packed.contiguous().view(torch.float16).reshape(*lead, head_dim).to(dtype)
+    if bits == 16 or fp8:
+        element = torch.float8_e4m3fn if fp8 else torch.float16
+        values = packed.contiguous().view(element).reshape(*lead, head_dim).to(dtype)
         return values if valid is None else torch.where(valid[..., None], values, 0)
     code_bytes = head_dim * bits // 8
     q = _unpack(packed[..., :code_bytes], bits, head_dim).float()  # [..., head_dim]
@@ -98,11 +111,11 @@ def dequantize(packed: torch.Tensor, bits: int, head_dim: int, group: int,
     return g.mul_(scales[..., :1]).add_(scales[..., 1:]).reshape(*lead, head_dim).to(dtype)  # in place: q is ours
 
 
-def fake_quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, bits: int, group: int, fp8: bool = False) -> torch.Tensor:
     """dequantize(quantize(x)): what attention reads back from the cache, in x's dtype."""
     if bits == 16:
         return x.float().clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(x.dtype)
-    return dequantize(quantize(x, bits, group), bits, x.shape[-1], group, x.dtype)
+    return dequantize(quantize(x, bits, group, fp8), bits, x.shape[-1], group, x.dtype, fp8=fp8)
 
 
 def hadamard(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -124,11 +137,11 @@ def hadamard_on(n: int, device: torch.device) -> torch.Tensor:
     return hadamard(n, torch.float32).to(device)
 
 
-def fake_quantize_rotated(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+def fake_quantize_rotated(x: torch.Tensor, bits: int, group: int, fp8: bool = False) -> torch.Tensor:
     """Keys quantized in the Hadamard basis and rotated back: (Q(x H)) H. x [..., head_dim]."""
     h = hadamard(x.shape[-1], torch.float32)
     rotated = x.float() @ h
-    return (fake_quantize(rotated, bits, group).float() @ h).to(x.dtype)
+    return (fake_quantize(rotated, bits, group, fp8).float() @ h).to(x.dtype)
 
 
 def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -58,7 +58,9 @@ def test_answers_shapesvqa(dense):
 
 def test_stock_vllm_serves_the_same_answers_and_perplexity(model_dir, dense, vllm_env, tmp_path):
     config = ServerConfig(model=str(model_dir), log_file=tmp_path / "serve.log",
-                          extra_args=("--dtype", "float32", "--kv-cache-memory-bytes", str(64 << 20),
+                          # eager: the model is stock vLLM's; torch.compile's warm-up of SmolLM2's 30 layers (~65 s)
+                          # would be half the test
+                          extra_args=("--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", str(64 << 20),
                                       "--max-model-len", "1024"),
                           env=vllm_env, startup_timeout_s=600)
     with VllmServer(config) as server:

@@ -8,6 +8,7 @@ import torch
 from offline_search.data.checkpoint import load_llava
 from offline_search.model.kv_simulation import apply_kv_plan
 from offline_search.model.objective import Objective, ObjectiveConfig, kl_divergence
+from vllm_adaspkv.format.schema import KVQuantScheme
 
 
 def test_kl_divergence_by_hand():
@@ -23,7 +24,7 @@ def test_kl_objective_is_zero_uncompressed_and_grows_with_fewer_kv_bits(tiny_lla
     assert objective() == 0.0  # the reference is this very model
     values = []
     for bits in (8, 4, 2):
-        apply_kv_plan(model, [bits] * model.config.text_config.num_hidden_layers, group=32)
+        apply_kv_plan(model, [bits] * model.config.text_config.num_hidden_layers, KVQuantScheme())
         values.append(objective())
     assert 0 < values[0] < values[1] < values[2]
     assert "KL(uncompressed || compressed)" in ObjectiveConfig(kind="kl").describe()

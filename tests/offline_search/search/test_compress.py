@@ -363,3 +363,20 @@ def test_a_crash_while_exporting_leaves_no_artifact(tiny_llava_dir, tmp_path, mo
     with pytest.raises(OSError, match="disk full"):
         main([*args, "--full-checkpoint"])
     assert not art.is_artifact(out)  # neither the old plan nor a new one over half a checkpoint
+
+
+def test_the_fp8_tier_is_simulated_and_recorded(tiny_llava_dir, tmp_path, capsys):
+    """--kv-eight-bit fp8_e4m3: the plan says so, and eval --artifact reads K/V through e4m3, not int8 codes."""
+    scores = {}
+    for eight_bit in ("int8", "fp8_e4m3"):
+        out = tmp_path / eight_bit
+        assert main(["prune", *small_run(tiny_llava_dir, out, tmp_path / "cache"), "--sparsity", "0",
+                     "--kv-bits", "8", "--kv-eight-bit", eight_bit]) == 0
+        assert art.read_plan(out).kv_quant.eight_bit == eight_bit
+        main(["eval", "--model", str(tiny_llava_dir), "--tasks", "wikitext2", "--limit", "2", "--artifact", str(out),
+              "--json", str(tmp_path / f"{eight_bit}.json")])
+        scores[eight_bit] = json.loads((tmp_path / f"{eight_bit}.json").read_text())["wikitext2_ppl"]
+    assert scores["int8"] != scores["fp8_e4m3"]
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
+        main(["prune", *small_run(tiny_llava_dir, tmp_path / "bad", tmp_path / "cache"), "--kv-eight-bit", "fp8"])
+    assert "argument --kv-eight-bit: invalid choice: 'fp8' (choose from 'int8', 'fp8_e4m3')" in capsys.readouterr().err

@@ -278,3 +278,21 @@ def test_a_full_checkpoint_is_checked_by_its_hash(tmp_path, tiny_llava_dir):
     with pytest.raises(ArtifactError, match=r"checkpoint_sha256 [0-9a-f]{12}... does not match the checkpoint in "
                                             r".*art \(hash [0-9a-f]{12}...\): its files were changed after export"):
         open_artifact(art)
+
+
+def test_fp8_layers_in_the_plan_and_the_startup_table(tmp_path, tiny_llava_dir):
+    art = make_artifact(tmp_path / "a", tiny_llava_dir, [8, 4])
+    rewrite_plan(art, **{"kv_quant.eight_bit": "fp8_e4m3"})
+    served = open_artifact(art)
+    assert kv_formats(served) == [KVFormat(8, 32, 32, fp8=True), KVFormat(4, 32, 32)]
+    table = startup_table(served, dense_element_bytes=2, budget_bytes=None, block_size=16)
+    # fp8: 2 KV heads x (K + V) x 32 one-byte values = 128 (int8 codes at group 32: 2 x 2 x (32 + 4) = 144)
+    assert "    0     fp8         128    0.000" in table and "    1       4          80    0.000" in table
+    assert "8 bits (fp8) as float8 e4m3 values, no scales" in table
+
+
+def test_an_unknown_eight_bit_format_is_refused_by_name(tmp_path, tiny_llava_dir):
+    art = make_artifact(tmp_path / "a", tiny_llava_dir, [8, 4])
+    rewrite_plan(art, **{"kv_quant.eight_bit": "fp8_e5m2"})
+    with pytest.raises(ArtifactError, match=r"adaspkv.json: kv_quant.eight_bit = 'fp8_e5m2': allowed 'int8' or 'fp8_e4m3'$"):
+        open_artifact(art)

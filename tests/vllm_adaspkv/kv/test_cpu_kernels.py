@@ -68,3 +68,34 @@ def test_a_bad_cache_is_refused_by_name(ops):
     with pytest.raises(RuntimeError, match=r"cache must be uint8 \[blocks, kv heads, block_size, 80\]"):
         ops.write(torch.zeros(2, 2, 4, 79, dtype=torch.uint8), torch.zeros(1, 2, 64), torch.zeros(1, 2, 64),
                   torch.zeros(1, dtype=torch.long), fmt)
+
+
+@pytest.mark.parametrize(("rotate", "tokens_first"), [(False, False), (True, True)])
+def test_fp8_rows_written_byte_for_byte_and_attended_as_the_reference(ops, rotate, tokens_first):
+    """The fp8 tier (float8 e4m3 rows, CPU only): the kernel's bytes equal quant.quantize's, values
+    beyond +-448 and e4m3 ties included; decode and prefill attention over NaN-filled garbage pages
+    equal paged.attend's."""
+    gen = torch.Generator().manual_seed(8 + rotate)
+    fmt = KVFormat(8, 64, 32, rotate, fp8=True)
+    assert fmt.token_head_bytes == 2 * 64
+    block_size, blocks = 4, 40
+    cache = garbage_cache(blocks, block_size, fmt, tokens_first, gen, "cpu")
+    seq_lens, q_lens = [9, 6, 14, 11], [1, 6, 5, 1]
+    table = torch.randperm(blocks, generator=gen)[:4 * 5].reshape(4, 5)
+    for r, n in enumerate(seq_lens):
+        pos = torch.arange(n)
+        k, v = torch.randn(2, n, KV_HEADS, 64, generator=gen) * 3
+        k[0, 0, :4] = torch.tensor([1000.0, -1000.0, 1.0625, 0.484375])  # clipped, then two e4m3 ties
+        v[1, 1, :2] = torch.tensor([448.5, -2.0e4])
+        slots = (table[r][pos // block_size] * block_size + pos % block_size).long()
+        expected = cache.clone()
+        paged.write(expected, k, v, slots, fmt)
+        ops.write(cache, k, v, slots, fmt)
+        assert torch.equal(cache, expected), f"request {r}: {int((cache != expected).sum())} bytes differ"
+    query = torch.randn(sum(q_lens), 2 * KV_HEADS, 64, generator=gen)
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    args = (query, cache, table.int(), torch.tensor(seq_lens, dtype=torch.int32), starts, max(q_lens),
+            max(seq_lens), 0.125, fmt)
+    out = ops.attend(*args)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, paged.attend(*args), rtol=1e-3, atol=1e-4)

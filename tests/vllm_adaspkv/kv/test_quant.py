@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from vllm_adaspkv.kv.quant import _pack, _unpack, bytes_per_token_head, dequantize, fake_quantize, quantize
+from vllm_adaspkv.kv.quant import (
+    _pack,
+    _unpack,
+    bytes_per_token,
+    bytes_per_token_head,
+    dequantize,
+    fake_quantize,
+    quantize,
+)
 
 
 def test_bytes_formula_by_hand():
@@ -105,3 +113,38 @@ def test_values_beyond_fp16_range_give_finite_codes_scales_and_values(bits):
     # a group within fp16's range is stored as it was before the clamp
     y = torch.randn(4, 64) * 100
     assert torch.equal(quantize(y, bits, 32)[..., :], quantize(y.clamp(-65504, 65504), bits, 32))
+
+
+def test_fp8_rows_by_hand():
+    """The fp8 tier: one float8 e4m3 byte a value, no scales; e4m3 keeps 3 mantissa bits and clips at 448.
+    1.0 = 0 0111 000 (0x38); 0.3 -> 1.25 x 2^-2 = 0.3125 = 0 0101 010 (0x2A); -2.5 = 1 1000 010 (0xC2);
+    1000 -> 448 = 0 1111 110 (0x7E); 0.0 = 0x00."""
+    x = torch.tensor([[1.0, 0.3, -2.5, 1000.0, -1000.0, 0.0, 1.0e-9, 7.0]])  # [1, 8]
+    rows = quantize(x, 8, 8, fp8=True)
+    assert rows.tolist() == [[0x38, 0x2A, 0xC2, 0x7E, 0xFE, 0x00, 0x00, 0x4E]]
+    assert bytes_per_token_head(8, 64, 32, fp8=True) == 64  # int8 codes at group 32: 64 + 2 x 4 = 72
+    assert bytes_per_token([8, 16], 2, 64, 32, fp8=True) == 2 * 2 * 64 + 2 * 2 * 128
+    back = dequantize(rows, 8, 8, 8, fp8=True)
+    assert back.tolist() == [[1.0, 0.3125, -2.5, 448.0, -448.0, 0.0, 0.0, 7.0]]
+    assert torch.equal(fake_quantize(x, 8, 8, fp8=True), back)
+    # unwritten rows (any bytes, 0x7F and 0xFF are e4m3's NaN) decode to 0 where not valid
+    garbage = torch.tensor([[0x7F, 0xFF, 0x38, 0x00]], dtype=torch.uint8).repeat(2, 1)
+    decoded = dequantize(garbage, 8, 4, 4, valid=torch.tensor([False, True]), fp8=True)
+    assert decoded[0].tolist() == [0.0] * 4 and decoded[1, 2] == 1.0
+
+
+def test_fp8_is_an_eight_bit_format_only():
+    with pytest.raises(ValueError, match=r"^float8 e4m3 is a format of the 8-bit tier, not of 4-bit layers$"):
+        quantize(torch.zeros(2, 64), 4, 32, fp8=True)
+    with pytest.raises(ValueError, match=r"^packed rows have 72 bytes; fp8, head_dim 64, group 32 needs 64$"):
+        dequantize(torch.zeros(1, 72, dtype=torch.uint8), 8, 64, 32, fp8=True)
+
+
+def test_fp8_error_is_relative_and_int8_error_absolute():
+    """What each 8-bit format is good at: e4m3 keeps ~2^-4 relative precision over a head of mixed
+    magnitudes, where int8's 255 levels over a group spanning +-100 lose the small values."""
+    x = torch.tensor([[100.0, -100.0] + [0.01 * (i + 1) for i in range(62)]])  # [1, 64]
+    small = slice(2, None)
+    fp8_error = (fake_quantize(x, 8, 64, fp8=True) - x)[0, small].abs() / x[0, small].abs()
+    int8_error = (fake_quantize(x, 8, 64) - x)[0, small].abs() / x[0, small].abs()
+    assert fp8_error.max() <= 2**-4 and int8_error.max() > 0.1

@@ -17,6 +17,7 @@ from offline_search.data.calibration_data import text_tokens
 from offline_search.data.checkpoint import load_llava
 from offline_search.data.text_data import wikitext_path
 from offline_search.model import kv_simulation
+from vllm_adaspkv.format.schema import KVQuantScheme
 from vllm_adaspkv.kv import cpu_kernels, paged
 from vllm_adaspkv.kv.paged import KVFormat
 
@@ -30,11 +31,11 @@ def smol_kv(smol_llava_dir):
     tokens = text_tokens(str(wikitext_path("test")), processor.tokenizer)[:256][None]  # [1, 256]
     captured = []
 
-    def capture(x, bits, group):  # x [1, H, T, D], keys then values of each layer
+    def capture(x, bits, group, fp8=False):  # x [1, H, T, D], keys then values of each layer
         captured.append(x[0].transpose(0, 1).contiguous())
         return x
 
-    kv_simulation.apply_kv_plan(model, [4] * len(kv_simulation.decoder_layers(model)), 32)
+    kv_simulation.apply_kv_plan(model, [4] * len(kv_simulation.decoder_layers(model)), KVQuantScheme())
     original, kv_simulation.fake_quantize = kv_simulation.fake_quantize, capture
     try:
         with torch.no_grad():

@@ -51,7 +51,7 @@ def write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapp
     (vLLM's padding) are skipped, rows past the slot mapping ignored."""
     n = slot_mapping.shape[0]
     kv = paged.kv_to_store(key[:n], value[:n], fmt)  # [T, H, 2, D]
-    load().write_cache(cache, kv, slot_mapping.long(), fmt.bits, fmt.group)
+    load().write_cache(cache, kv, slot_mapping.long(), fmt.bits, fmt.group, fmt.fp8)
 
 
 def attend(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
@@ -69,5 +69,5 @@ def _attend_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.
     if fmt.rotate_keys:  # keys are stored in the Hadamard basis: rotate the query instead
         q = q @ hadamard_on(fmt.head_dim, q.device)
     out = load().attend_decode(q.contiguous(), cache, block_table.int(), seq_lens.int().contiguous(), scale,
-                               fmt.bits, fmt.group)
+                               fmt.bits, fmt.group, fmt.fp8)
     return out.to(query.dtype)

@@ -3,13 +3,15 @@
 // PyTorch ops per layer and step that dominate the PyTorch path on a small batch.
 //
 // Row layout (kv_quant): [codes: head_dim * bits / 8 bytes][per group: scale fp16, zero fp16];
-// a token's entry for one KV head is [K row | V row]. 16 bits stores fp16 values, no scales.
+// a token's entry for one KV head is [K row | V row]. 16 bits stores fp16 values, no scales; the
+// fp8 tier stores float8 e4m3 values (one byte each, clamped to +-448), no scales.
 // Cache [blocks, kv heads, block_size, 2 * row_bytes], any strides with a row's bytes contiguous.
 // Built by torch.utils.cpp_extension (vllm_adaspkv/cpu_kernels/__init__.py); compiled with
 // -ffp-contract=off so that quantization rounds exactly as the PyTorch reference does.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -20,13 +22,31 @@
 
 namespace {
 
+constexpr int kFp8 = 1;  // the template argument BITS of the float8 e4m3 rows (no integer format has 1 bit)
+
 struct RowFormat {
   int64_t bits, head_dim, group, row_bytes, code_bytes;
-  RowFormat(int64_t bits, int64_t head_dim, int64_t group)
-      : bits(bits), head_dim(head_dim), group(bits == 16 ? head_dim : group),
-        row_bytes(bits == 16 ? 2 * head_dim : head_dim * bits / 8 + head_dim / group * 4),
-        code_bytes(bits == 16 ? 0 : head_dim * bits / 8) {}
+  bool fp8;
+  RowFormat(int64_t bits, int64_t head_dim, int64_t group, bool fp8)
+      : bits(bits), head_dim(head_dim), group(bits == 16 || fp8 ? head_dim : group),
+        row_bytes(bits == 16 ? 2 * head_dim : fp8 ? head_dim : head_dim * bits / 8 + head_dim / group * 4),
+        code_bytes(bits == 16 ? 0 : head_dim * bits / 8), fp8(fp8) {
+    TORCH_CHECK(!fp8 || bits == 8, "float8 e4m3 rows are an 8-bit format, not ", bits, "-bit");
+  }
 };
+
+constexpr float kFp8Max = 448.f;  // quant.FP8_MAX: e4m3fn has no infinity, so values are clamped first
+
+// The 256 float8 e4m3 values, indexed by their byte: decoding a row is one lookup per value.
+const float* fp8_values() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(256);
+    for (int b = 0; b < 256; ++b) t[b] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(b),
+                                                                                c10::Float8_e4m3fn::from_bits()));
+    return t;
+  }();
+  return table.data();
+}
 
 inline float load_half(const uint8_t* p) {
   uint16_t bits;
@@ -64,6 +84,9 @@ template <int BITS>
 void decode_row(const uint8_t* row, const RowFormat& f, float* out) {
   if constexpr (BITS == 16) {
     for (int64_t d = 0; d < f.head_dim; ++d) out[d] = load_half(row + 2 * d);
+  } else if constexpr (BITS == kFp8) {
+    const float* values = fp8_values();
+    for (int64_t d = 0; d < f.head_dim; ++d) out[d] = values[row[d]];
   } else {
     constexpr int per = codes_per_unit(BITS);
     const int64_t units = f.group / per;
@@ -93,6 +116,10 @@ void decode_row(const uint8_t* row, const RowFormat& f, float* out) {
 void encode_row(const float* x, const RowFormat& f, uint8_t* row, uint8_t* q) {
   if (f.bits == 16) {
     for (int64_t d = 0; d < f.head_dim; ++d) store_half(row + 2 * d, x[d]);
+    return;
+  }
+  if (f.fp8) {  // nearest e4m3 value, ties to even, as torch's .to(float8_e4m3fn)
+    for (int64_t d = 0; d < f.head_dim; ++d) row[d] = c10::Float8_e4m3fn(std::clamp(x[d], -kFp8Max, kFp8Max)).x;
     return;
   }
   const int levels = (1 << f.bits) - 1;
@@ -141,8 +168,9 @@ void check_cache(const torch::Tensor& cache, const RowFormat& f) {
 }  // namespace
 
 // kv [T, H, 2, D] float32 (K and V of T tokens) into their slots of cache; negative slots skipped.
-void write_cache(torch::Tensor cache, torch::Tensor kv, torch::Tensor slots, int64_t bits, int64_t group) {
-  const RowFormat f(bits, kv.size(3), group);
+void write_cache(torch::Tensor cache, torch::Tensor kv, torch::Tensor slots, int64_t bits, int64_t group,
+                 bool fp8) {
+  const RowFormat f(bits, kv.size(3), group, fp8);
   check_cache(cache, f);
   TORCH_CHECK(kv.dim() == 4 && kv.size(2) == 2 && kv.scalar_type() == torch::kFloat32 && kv.is_contiguous(),
               "kv must be contiguous float32 [tokens, kv heads, 2, head_dim]");
@@ -236,8 +264,8 @@ void attend_decode_impl(const float* q, const uint8_t* base, const int32_t* tabl
 // tokens (its own included). Returns [R, Hq, D] float32. Softmax in two passes over the context
 // (scores, then values), so each K and V row is decoded once for all query heads of its KV head.
 torch::Tensor attend_decode(torch::Tensor query, torch::Tensor cache, torch::Tensor block_table,
-                            torch::Tensor seq_lens, double scale, int64_t bits, int64_t group) {
-  const RowFormat f(bits, query.size(2), group);
+                            torch::Tensor seq_lens, double scale, int64_t bits, int64_t group, bool fp8) {
+  const RowFormat f(bits, query.size(2), group, fp8);
   check_cache(cache, f);
   TORCH_CHECK(query.dim() == 3 && query.scalar_type() == torch::kFloat32 && query.is_contiguous(),
               "query must be contiguous float32 [requests, heads, head_dim]");
@@ -252,7 +280,8 @@ torch::Tensor attend_decode(torch::Tensor query, torch::Tensor cache, torch::Ten
          seq_lens.data_ptr<int32_t>(), out.data_ptr<float>(), f, query.size(0), q_heads, kv_heads, cache.size(2),
          cache.stride(0), cache.stride(1), cache.stride(2), static_cast<float>(scale));
   };
-  switch (bits) {
+  switch (fp8 ? kFp8 : bits) {
+    case kFp8: run(attend_decode_impl<kFp8>); break;
     case 16: run(attend_decode_impl<16>); break;
     case 8: run(attend_decode_impl<8>); break;
     case 6: run(attend_decode_impl<6>); break;

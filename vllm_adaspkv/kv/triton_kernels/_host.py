@@ -10,6 +10,8 @@ from vllm_adaspkv.kv.paged import KVFormat
 
 def layout_constants(fmt: KVFormat) -> dict[str, int]:
     """The row layout as compile-time constants (one compiled kernel per KV format)."""
+    if fmt.fp8:
+        raise ValueError("the Triton KV kernels have no float8 e4m3 rows (the fp8 tier is served on CPU only)")
     per = {16: 1, 8: 1, 6: 4, 4: 2, 2: 4}[fmt.bits]  # codes that share whole bytes (a "word")
     group = fmt.head_dim if fmt.bits == 16 else fmt.group
     return dict(
