@@ -32,7 +32,8 @@ def linear_weights(model_dir: Path) -> dict:
 
 
 def make_artifact(out: Path, model_dir: Path, kv_bits: list[int], sparsity: float = 0.0, group: int = 32,
-                  key_rotation: str = "none", weight_format: str = "masked", packed_weights: bool = False) -> Path:
+                  key_rotation: str = "none", weight_format: str = "masked", packed_weights: bool = False,
+                  eight_bit: str = "int8") -> Path:
     """Every linear pruned to `sparsity` by magnitude (exact counts), KV bits per layer as given; with
     `packed_weights` the pruned linears are stored packed instead of as masks."""
     weights = linear_weights(model_dir)
@@ -43,7 +44,8 @@ def make_artifact(out: Path, model_dir: Path, kv_bits: list[int], sparsity: floa
                    for i, bits in enumerate(kv_bits))
     plan = Plan(base_model=BaseCheckpoint(path=str(Path(model_dir).resolve()), sha256=model_sha256(model_dir)),
                 layers=layers, metric="magnitude" if sparsity else "none",
-                kv_quant=KVQuantScheme(group_size=group, key_rotation=key_rotation), weight_format=weight_format,
+                kv_quant=KVQuantScheme(group_size=group, key_rotation=key_rotation, eight_bit=eight_bit),
+                weight_format=weight_format,
                 packed_weights=packed_weights)
     return write_artifact(out, plan, masks or None, weight=lambda key: weights[key] * masks[key],
                           dtype=next(iter(weights.values())).dtype)

@@ -68,13 +68,19 @@ def test_identity_artifact_gives_stock_tokens(tmp_path, vllm_env, shapes_dir, pr
     assert served["tokens"] == stock["tokens"]
 
 
-def test_eight_bit_artifact_agrees_with_stock(tmp_path, vllm_env, shapes_dir, prompts, stock):
-    art = make_artifact(tmp_path / "kv8", shapes_dir, [8] * 4)
+@pytest.mark.parametrize("eight_bit", ["int8", "fp8_e4m3"])
+def test_eight_bit_artifact_agrees_with_stock(tmp_path, vllm_env, shapes_dir, prompts, stock, eight_bit):
+    """int8 codes (a scale pair per 32 values) and the fp8 tier (float8 e4m3 values, no scales)."""
+    art = make_artifact(tmp_path / "kv8", shapes_dir, [8] * 4, eight_bit=eight_bit)
     served, log = run_llm(tmp_path, vllm_env, art, prompts)
     same = sum(a == b for a, b in zip(served["tokens"], stock["tokens"]))
-    print(f"8-bit KV: {same}/64 prompts with stock vLLM's greedy tokens")
+    print(f"8-bit KV ({eight_bit}): {same}/64 prompts with stock vLLM's greedy tokens")
     assert same >= 61  # >= 95% of 64
     assert served["num_blocks"] > stock["num_blocks"]  # the quantized cache holds more
+    if eight_bit == "fp8_e4m3":  # one byte a value, as vLLM's fp8 cache: 2 KV heads x (K + V) x 32 bytes a layer
+        per_token = 4 * 2 * KVFormat(8, 32, 32, fp8=True).token_head_bytes
+        assert per_token == 4 * 2 * 2 * 32 and served["num_blocks"] == BUDGET // (served["block_size"] * per_token)
+        assert "    0     fp8         128" in log
 
 
 def test_mixed_six_bit_capacity_and_served_zeros(tmp_path, vllm_env, shapes_dir, prompts):
