@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from offline_search.data.bundled_models import resolve_model
-from vllm_adaspkv.format import Plan, read_geometry
+from vllm_adaspkv.format import KVQuantScheme, read_geometry
 from vllm_adaspkv.kv.quant import bytes_per_token
 
 REPO = Path(__file__).resolve().parent.parent
@@ -204,10 +204,11 @@ def write_table(title: str, protocol: str, table, out: Path, commands: list[str]
         sparsity = data["plan"]["evaluation"]["mean_sparsity"] if "plan" in data else ""
         sparsity = f"{sparsity:.4f}" if sparsity != "" else ("0" if row == "dense" else "")
         bits = [layer["kv_bits"] for layer in data["plan"]["layers"]] if "plan" in data else []
-        # K and V of every layer and KV head, scales included; 16-bit layers at 2 bytes a value
-        token_bytes = (Plan.from_json(data["plan"], str(path)).kv_bytes_per_token(geometry.num_kv_heads, geometry.head_dim)
-                       if "plan" in data else bytes_per_token([16] * geometry.num_layers, geometry.num_kv_heads,
-                                                              geometry.head_dim, 32))
+        # K and V of every layer and KV head, scales included; 16-bit layers at 2 bytes a value. Only the
+        # KV scheme is read: older results' plans predate fields that Plan now requires.
+        scheme = KVQuantScheme.model_validate(data["plan"].get("kv_quant", {})) if "plan" in data else KVQuantScheme()
+        token_bytes = bytes_per_token(bits or [16] * geometry.num_layers, geometry.num_kv_heads,
+                                      geometry.head_dim, scheme.group_size, fp8=scheme.eight_bit == "fp8_e4m3")
         bits = "/".join(map(str, bits)) or "16"
         se = f" +- {data['wikitext2_ppl_se']:.{ppl_digits}f}" if "wikitext2_ppl_se" in data else ""
         lines.append(f"| {label} | {data['wikitext2_ppl']:.{ppl_digits}f}{se} | {data['shapesvqa_accuracy']:.3f} | "

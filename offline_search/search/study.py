@@ -46,7 +46,7 @@ def open_study(config: CompressConfig, model_sha256: str) -> optuna.Study:
     if started is None:
         study.set_user_attr("settings", settings)
     elif started != settings:
-        changed = sorted(k for k in settings if started.get(k) != settings[k])
+        changed = sorted(k for k in settings.keys() | started.keys() if started.get(k) != settings.get(k))
         raise ConfigError(f"study {name!r} in {config.storage_url()} was started with other settings "
                          f"({', '.join(changed)}); use another --out, --storage or --study-name")
     study.sampler = TrialSeededTPE(config.seed, constant_liar=True)  # see workers.py

@@ -136,7 +136,7 @@ def startup_table(served: ServedArtifact, dense_element_bytes: int, budget_bytes
     rotation = ", keys Hadamard-rotated" if scheme.key_rotation == "hadamard" else ""
     rotation += "; 8 bits (fp8) as float8 e4m3 values, no scales" if scheme.eight_bit == "fp8_e4m3" else ""
     lines = [f"adaspkv: serving {served.artifact_dir} (model {served.model_dir}{ranks})",
-             f"KV quantization below 16 bits: asymmetric codes, one fp16 scale + zero per {group} of "
+             f"KV quantization below 16 bits: integer codes with one fp16 scale + zero per {group} of "
              f"{geometry.head_dim} values of a head{rotation}",
              f"{'layer':>5} {'kv bits':>7} {'bytes/token':>11} {'sparsity':>8}"]
     sparsity = plan.layer_sparsity(geometry.linear_sizes())

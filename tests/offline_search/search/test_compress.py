@@ -113,6 +113,14 @@ def test_search_resumes_and_keeps_finished_trials(tiny_llava_dir, tmp_path, caps
     assert (out / "optimization_history.png").is_file()
     with pytest.raises(SystemExit, match="was started with other settings \\(objective\\)"):
         main(["search", *args, "--objective-windows", "3", "--trials", "4"])
+    # a setting only some runs record (kv_eight_bit, recorded when not int8) is named either way round
+    with pytest.raises(SystemExit, match="was started with other settings \\(kv_eight_bit\\)"):
+        main(["search", *args, "--kv-eight-bit", "fp8_e4m3", "--trials", "4"])
+    fp8 = [*small_run(tiny_llava_dir, tmp_path / "fp8", tmp_path / "cache"), "--metric", "lognorm", "--sparsity", "0.5",
+           "--blocks", "2"]
+    assert main(["search", *fp8, "--kv-eight-bit", "fp8_e4m3", "--trials", "1"]) == 0
+    with pytest.raises(SystemExit, match="was started with other settings \\(kv_eight_bit\\)"):
+        main(["search", *fp8, "--trials", "1"])
 
 
 def test_sparsegpt_and_two_four(tiny_llava_dir, tmp_path):

@@ -36,3 +36,13 @@ def test_every_search_metric_is_one_an_artifact_can_name():
     from vllm_adaspkv.format import PLAN_METRICS
 
     assert set(METRICS) <= set(PLAN_METRICS) and set(PLAN_METRICS) - set(METRICS) == {"none"}
+
+
+def test_the_eight_bit_format_is_a_setting_a_resumed_study_shares():
+    """Studies started before the fp8 tier (no such key) resume with int8; an fp8 run is another study."""
+    int8 = config().search_settings("0" * 64)
+    assert "kv_eight_bit" not in int8
+    assert config(kv_eight_bit="fp8_e4m3").search_settings("0" * 64) == {**int8, "kv_eight_bit": "fp8_e4m3"}
+    assert config(kv_eight_bit="fp8_e4m3").kv_scheme.fp8(8) and not config().kv_scheme.fp8(8)
+    with pytest.raises(ValueError, match=r"kv_eight_bit = 'fp8': allowed 'int8' or 'fp8_e4m3'"):
+        config(kv_eight_bit="fp8")

@@ -52,3 +52,20 @@ def test_kernels_take_the_reference_signatures():
     for module in (triton_kernels, cpu_kernels):
         for name in ("write", "attend"):
             assert inspect.signature(getattr(module, name)) == inspect.signature(getattr(paged, name))
+
+
+def test_the_fp8_tier_is_refused_on_a_gpu_at_start_up(monkeypatch):
+    """The Triton kernels store 8 bits as int8 codes only: an fp8 layer must stop the engine, not be served
+    with the wrong bytes."""
+    monkeypatch.setattr(attention_backend.current_platform, "is_cpu", lambda: False)
+    layer = {"num_heads": 4, "head_size": 64, "scale": 0.125, "num_kv_heads": 2}
+    attention_backend.backend_for(paged.KVFormat(8, 64, 32)).get_impl_cls()(**layer)  # int8: builds
+    fp8 = attention_backend.backend_for(paged.KVFormat(8, 64, 32, fp8=True))
+    assert fp8.get_name() == "CUSTOM" and "fp8_d64" in fp8.__name__
+    with pytest.raises(ValueError, match=r"^adaspkv: the fp8 KV tier \(kv_quant.eight_bit fp8_e4m3\) has C\+\+ CPU "
+                                         r"kernels only; .* re-export with --kv-eight-bit int8 to serve on a GPU$"):
+        fp8.get_impl_cls()(**layer)
+    with pytest.raises(ValueError, match=r"^the Triton KV kernels have no float8 e4m3 rows"):
+        from vllm_adaspkv.kv.triton_kernels._host import layout_constants
+
+        layout_constants(paged.KVFormat(8, 64, 32, fp8=True))

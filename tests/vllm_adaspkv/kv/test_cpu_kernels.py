@@ -61,6 +61,20 @@ def test_a_slot_outside_the_cache_is_refused(ops):
     with pytest.raises(RuntimeError, match=r"slot 24 of token 1 is outside the cache of 6 blocks x 4 slots"):
         ops.write(cache, kv, kv, torch.tensor([3, 24]), fmt)
     assert not cache.any()  # refused before anything was written
+    with pytest.raises(RuntimeError, match=r"kv has 3 KV heads, the cache 2"):
+        ops.write(cache, torch.zeros(2, 3, 64), torch.zeros(2, 3, 64), torch.tensor([3, 4]), fmt)
+
+
+def test_a_block_outside_the_cache_is_refused(ops):
+    fmt = KVFormat(4, 64, 32)
+    cache = torch.zeros(6, KV_HEADS, 4, fmt.token_head_bytes, dtype=torch.uint8)
+    query = torch.zeros(2, KV_HEADS, 64)
+    args = (cache, torch.tensor([[0, 1], [2, 6]], dtype=torch.int32), torch.tensor([5, 5], dtype=torch.int32),
+            torch.arange(3, dtype=torch.int32), 1, 5, 0.125, fmt)
+    with pytest.raises(RuntimeError, match=r"request 1 block 1 is 6, outside the cache of 6 blocks"):
+        ops.attend(query, *args)
+    with pytest.raises(RuntimeError, match=r"request 0 has 9 tokens, more than its block table holds"):
+        ops.attend(query, *args[:2], torch.tensor([9, 5], dtype=torch.int32), *args[3:])
 
 
 def test_a_bad_cache_is_refused_by_name(ops):

@@ -176,6 +176,7 @@ void write_cache(torch::Tensor cache, torch::Tensor kv, torch::Tensor slots, int
               "kv must be contiguous float32 [tokens, kv heads, 2, head_dim]");
   TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.dim() == 1 && slots.size(0) == kv.size(0),
               "slots must be int64 [tokens]");
+  TORCH_CHECK(kv.size(1) == cache.size(1), "kv has ", kv.size(1), " KV heads, the cache ", cache.size(1));
   const int64_t heads = kv.size(1), block_size = cache.size(2), slot_count = cache.size(0) * block_size;
   const int64_t sb = cache.stride(0), sh = cache.stride(1), sn = cache.stride(2);
   const float* x = kv.data_ptr<float>();
@@ -274,6 +275,18 @@ torch::Tensor attend_decode(torch::Tensor query, torch::Tensor cache, torch::Ten
   TORCH_CHECK(seq_lens.scalar_type() == torch::kInt32 && seq_lens.is_contiguous(), "seq_lens must be int32");
   const int64_t q_heads = query.size(1), kv_heads = cache.size(1);
   TORCH_CHECK(q_heads % kv_heads == 0, "query heads ", q_heads, " not a multiple of kv heads ", kv_heads);
+  TORCH_CHECK(seq_lens.size(0) == query.size(0) && block_table.size(0) >= query.size(0),
+              "seq_lens and block_table need a row per request");
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* table = block_table.data_ptr<int32_t>();
+  for (int64_t r = 0; r < query.size(0); ++r) {  // a block past the cache would read someone else's memory
+    const int64_t used = (static_cast<int64_t>(lens[r]) + cache.size(2) - 1) / cache.size(2);
+    TORCH_CHECK(used <= block_table.size(1), "request ", r, " has ", lens[r], " tokens, more than its block table holds");
+    for (int64_t b = 0; b < used; ++b)
+      TORCH_CHECK(table[r * block_table.stride(0) + b] >= 0 && table[r * block_table.stride(0) + b] < cache.size(0),
+                  "request ", r, " block ", b, " is ", table[r * block_table.stride(0) + b], ", outside the cache of ",
+                  cache.size(0), " blocks");
+  }
   auto out = torch::zeros_like(query);  // requests without context (length 0) stay 0
   const auto run = [&](auto impl) {
     impl(query.data_ptr<float>(), cache.data_ptr<uint8_t>(), block_table.data_ptr<int32_t>(), block_table.stride(0),
