@@ -11,11 +11,15 @@ so requests/s follows. The rows, side by side in one run:
     stock fp8       vLLM's own quantized KV cache (--kv-cache-dtype fp8)
     plugin N-bit    `vllm bench throughput --model ART_DIR --plugin adaspkv --tokenizer BASE_DIR`,
                     every layer at N bits
+    plugin fp8      the same, every layer in the plugin's fp8 tier (float8 e4m3 values, no scales:
+                    vLLM's fp8 bytes, `--kv-eight-bit fp8_e4m3`)
 
 Artifacts are made with `adaspkv prune` (magnitude, 50 % sparsity; masked weights cost vLLM the same
 time as dense ones, so only the KV plan matters here). Reproduce:
 
     .venv/bin/python benchmarks/cpu_throughput.py --out results/cpu-throughput
+    .venv/bin/python benchmarks/cpu_throughput.py --model smol-llava --plugin-plans 8,fp8,6,4 \
+        --kv-cache-memory-bytes 23068672,184549376 --enforce-eager --out results/cpu-throughput-smol
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class BenchConfig:
     model: str = "shapes-llava"
     out: Path = REPO / "results" / "cpu-throughput"
     workdir: Path = REPO / "runs" / "cpu-throughput"
-    plugin_bits: tuple[int, ...] = (8, 6, 4)
+    plugin_plans: tuple[str, ...] = ("8", "6", "4")  # uniform bits, or "fp8" (the 8-bit fp8 tier)
     kv_group: int = 32  # shapes-llava head_dim: one scale and zero per head vector
     kv_cache_memory_bytes: tuple[int, ...] = (1 << 20, 4 << 20)  # one table per budget
     dtype: str = "bfloat16"
@@ -51,14 +55,15 @@ class BenchConfig:
     output_len: int = 128
     max_model_len: int = 256
     fp8_baseline: bool = True
+    enforce_eager: bool = False  # every configuration alike: skips vLLM's torch.compile warm-up
     # Every configuration runs this many times, round-robin: on a shared 2-core machine one run of
     # the same command varies by up to 40% (stock at 1 MiB: 3.7 to 6.1 requests/s in four runs)
     repeats: int = 3
 
     def __post_init__(self):
-        allowed = (16, 8, 6, 4, 2)
-        if not self.plugin_bits or any(b not in allowed for b in self.plugin_bits):
-            raise ValueError(f"--plugin-bits {self.plugin_bits}: each one of {allowed}")
+        allowed = ("16", "8", "6", "4", "2", "fp8")
+        if not self.plugin_plans or any(p not in allowed for p in self.plugin_plans):
+            raise ValueError(f"--plugin-plans {','.join(self.plugin_plans)}: each one of {', '.join(allowed)}")
         for name in ("num_prompts", "input_len", "output_len", "kv_group", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
@@ -80,12 +85,13 @@ def model_dir(config: BenchConfig) -> str:
     return str(resolve_model(config.model))
 
 
-def make_artifact(config: BenchConfig, bits: int) -> Path:
-    """A uniform `bits` artifact (reused when it exists)."""
-    out = config.workdir / f"artifact-{bits}bit-g{config.kv_group}"
+def make_artifact(config: BenchConfig, plan: str) -> Path:
+    """A uniform artifact, every layer at `plan` ("4", ..., or "fp8"); reused when it exists."""
+    out = config.workdir / f"artifact-{config.model}-{plan}{'' if plan == 'fp8' else 'bit'}-g{config.kv_group}"
+    kv = ["--kv-bits", "8", "--kv-eight-bit", "fp8_e4m3"] if plan == "fp8" else ["--kv-bits", plan]
     if not (out / "adaspkv.json").is_file():
         command = [str(ADASPKV), "prune", "--model", config.model, "--sparsity", "0.5", "--metric", "magnitude",
-                   "--kv-bits", str(bits), "--kv-group", str(config.kv_group), "--out", str(out)]
+                   *kv, "--kv-group", str(config.kv_group), "--out", str(out)]
         print("$", shlex.join(command), flush=True)
         subprocess.run(command, check=True)
     return out
@@ -96,9 +102,9 @@ def rows(config: BenchConfig) -> list[Row]:
     configurations = [("stock", base, ())]
     if config.fp8_baseline:
         configurations.append(("stock fp8", base, ("--kv-cache-dtype", "fp8")))
-    for bits in config.plugin_bits:
+    for plan in config.plugin_plans:
         # --tokenizer: `vllm bench` loads one from --model itself, and an artifact holds none
-        configurations.append((f"plugin {bits}-bit", str(make_artifact(config, bits)),
+        configurations.append((f"plugin {plan}{'' if plan == 'fp8' else '-bit'}", str(make_artifact(config, plan)),
                                ("--plugin", "adaspkv", "--tokenizer", base)))
     return [Row(name, model, extra, budget) for budget in config.kv_cache_memory_bytes
             for name, model, extra in configurations]
@@ -113,7 +119,8 @@ def bench_command(config: BenchConfig, row: Row, output_json: Path) -> list[str]
             "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
             "--random-mm-bucket-config", "{(64, 64, 1): 1.0}",
             "--kv-cache-memory-bytes", str(row.kv_cache_memory_bytes), "--dtype", config.dtype,
-            "--max-model-len", str(config.max_model_len), "--seed", "0", "--output-json", str(output_json)]
+            "--max-model-len", str(config.max_model_len), "--seed", "0", "--output-json", str(output_json),
+            *(["--enforce-eager"] if config.enforce_eager else [])]
 
 
 def run_row(config: BenchConfig, row: Row, repeat: int) -> dict:
@@ -167,8 +174,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--model", default=d.model, help="bundled model name or LLaVA directory (default: %(default)s)")
     p.add_argument("--out", type=Path, default=d.out, help="results folder (default: %(default)s)")
     p.add_argument("--workdir", type=Path, default=d.workdir, help="artifacts and logs (default: %(default)s)")
-    p.add_argument("--plugin-bits", default=",".join(map(str, d.plugin_bits)),
-                   help="uniform plugin plans to run, comma-separated (default: %(default)s)")
+    p.add_argument("--plugin-plans", default=",".join(d.plugin_plans),
+                   help="uniform plugin plans to run, comma-separated bits or fp8 (default: %(default)s)")
     p.add_argument("--kv-group", type=int, default=d.kv_group, help="KV quantization group (default: %(default)s)")
     p.add_argument("--kv-cache-memory-bytes", default=",".join(map(str, d.kv_cache_memory_bytes)),
                    help="KV budgets, comma-separated; every configuration runs at each (default: %(default)s)")
@@ -177,19 +184,21 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--input-len", type=int, default=d.input_len, help="random text tokens (default: %(default)s)")
     p.add_argument("--output-len", type=int, default=d.output_len, help="(default: %(default)s)")
     p.add_argument("--no-fp8", action="store_true", help="leave out stock vLLM's fp8 KV cache")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="every configuration without vLLM's torch.compile (its warm-up is ~1 minute a run for "
+                        "smol-llava's 30 layers)")
     p.add_argument("--repeats", type=int, default=d.repeats, help="runs of each configuration, round-robin "
                    "(default: %(default)s)")
     a = p.parse_args(argv)
     try:
-        bits = tuple(int(b) for b in a.plugin_bits.split(","))
         budgets = tuple(int(b) for b in a.kv_cache_memory_bytes.split(","))
     except ValueError:
-        p.error(f"--plugin-bits {a.plugin_bits!r} / --kv-cache-memory-bytes {a.kv_cache_memory_bytes!r}: "
-                "comma-separated integers")
-    return BenchConfig(model=a.model, out=a.out, workdir=a.workdir, plugin_bits=bits, kv_group=a.kv_group,
+        p.error(f"--kv-cache-memory-bytes {a.kv_cache_memory_bytes!r}: comma-separated integers")
+    plans = tuple(a.plugin_plans.split(","))
+    return BenchConfig(model=a.model, out=a.out, workdir=a.workdir, plugin_plans=plans, kv_group=a.kv_group,
                        kv_cache_memory_bytes=budgets, dtype=a.dtype, num_prompts=a.num_prompts,
                        input_len=a.input_len, output_len=a.output_len, fp8_baseline=not a.no_fp8,
-                       repeats=a.repeats)
+                       repeats=a.repeats, enforce_eager=a.enforce_eager)
 
 
 def main(argv: list[str] | None = None) -> int:
