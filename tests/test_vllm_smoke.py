@@ -26,7 +26,9 @@ MAX_TOKENS = 6
 def server(tiny_llava_dir, vllm_env, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
     config = ServerConfig(model=str(tiny_llava_dir), log_file=log, served_model_name="tiny",
-                          extra_args=("--plugin", "adaspkv", "--kv-cache-memory-bytes", str(32 << 20)),
+                          # eager: the plugin under torch.compile is the shapes-llava served, packed and demo tests'
+                          extra_args=("--plugin", "adaspkv", "--enforce-eager",
+                                      "--kv-cache-memory-bytes", str(32 << 20)),
                           env=vllm_env, startup_timeout_s=600)
     with VllmServer(config) as running:
         yield running
