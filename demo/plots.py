@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from vllm_adaspkv.format import ModelGeometry, Plan
-from vllm_adaspkv.kv.quant import bytes_per_token
 
 
 def capacity_summary(plan: Plan, geometry: ModelGeometry | None) -> str:
@@ -18,7 +17,7 @@ def capacity_summary(plan: Plan, geometry: ModelGeometry | None) -> str:
         return f"Mean KV bits: {plan.mean_kv_bits():g} (the base model's config is not readable here)."
 
     ours = plan.kv_bytes_per_token(geometry.num_kv_heads, geometry.head_dim)
-    dense = bytes_per_token([16] * plan.num_layers(), geometry.num_kv_heads, geometry.head_dim, plan.kv_quant.group_size)
+    dense = plan.kv_quant.bytes_per_token([16] * plan.num_layers(), geometry.num_kv_heads, geometry.head_dim)
     return (f"**KV cache capacity: {dense / ours:.2f}x** the tokens of a 16-bit cache in the same memory "
             f"({ours:,} bytes per token against {dense:,}; mean {plan.mean_kv_bits():g} KV bits, "
             f"group {plan.kv_quant.group_size}).")

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from offline_search.data.bundled_models import resolve_model
 from vllm_adaspkv.format import KVQuantScheme, read_geometry
-from vllm_adaspkv.kv.quant import bytes_per_token
 
 REPO = Path(__file__).resolve().parent.parent
 ADASPKV = str(Path(sys.executable).with_name("adaspkv"))
@@ -207,8 +206,8 @@ def write_table(title: str, protocol: str, table, out: Path, commands: list[str]
         # K and V of every layer and KV head, scales included; 16-bit layers at 2 bytes a value. Only the
         # KV scheme is read: older results' plans predate fields that Plan now requires.
         scheme = KVQuantScheme.model_validate(data["plan"].get("kv_quant", {})) if "plan" in data else KVQuantScheme()
-        token_bytes = bytes_per_token(bits or [16] * geometry.num_layers, geometry.num_kv_heads,
-                                      geometry.head_dim, scheme.group_size, fp8=scheme.eight_bit == "fp8_e4m3")
+        token_bytes = scheme.bytes_per_token(bits or [16] * geometry.num_layers, geometry.num_kv_heads,
+                                             geometry.head_dim)
         bits = "/".join(map(str, bits)) or "16"
         se = f" +- {data['wikitext2_ppl_se']:.{ppl_digits}f}" if "wikitext2_ppl_se" in data else ""
         lines.append(f"| {label} | {data['wikitext2_ppl']:.{ppl_digits}f}{se} | {data['shapesvqa_accuracy']:.3f} | "

@@ -31,7 +31,6 @@ from vllm_adaspkv.format import (
     read_plan,
 )
 from vllm_adaspkv.kv.paged import KVFormat
-from vllm_adaspkv.kv.quant import bytes_per_token
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
 # Where the base model is when it is not where the artifact says (another machine, another folder).
@@ -134,7 +133,7 @@ def startup_table(served: ServedArtifact, dense_element_bytes: int, budget_bytes
 
     ranks = f", {heads} of {geometry.num_kv_heads} KV heads on each of {tensor_parallel} ranks" if tensor_parallel > 1 else ""
     rotation = ", keys Hadamard-rotated" if scheme.key_rotation == "hadamard" else ""
-    rotation += "; 8 bits (fp8) as float8 e4m3 values, no scales" if scheme.eight_bit == "fp8_e4m3" else ""
+    rotation += "; 8 bits (fp8) as float8 e4m3 values, no scales" if scheme.fp8(8) else ""
     lines = [f"adaspkv: serving {served.artifact_dir} (model {served.model_dir}{ranks})",
              f"KV quantization below 16 bits: integer codes with one fp16 scale + zero per {group} of "
              f"{geometry.head_dim} values of a head{rotation}",
@@ -144,7 +143,7 @@ def startup_table(served: ServedArtifact, dense_element_bytes: int, budget_bytes
         bits = "fp8" if scheme.fp8(layer.kv_bits) else layer.kv_bits
         lines.append(f"{i:>5} {bits:>7} {token_bytes(range(i, i + 1)):>11} {sparsity[i]:>8.3f}")
     total = token_bytes(range(plan.num_layers()))
-    sixteen_bit = bytes_per_token([16] * plan.num_layers(), heads, geometry.head_dim, group)
+    sixteen_bit = scheme.bytes_per_token([16] * plan.num_layers(), heads, geometry.head_dim)
     lines.append(f"KV bytes per token: {total} (16-bit cache: {sixteen_bit}); the same memory holds "
                  f"{sixteen_bit / total:.2f}x the tokens of a 16-bit cache")
     if budget_bytes:

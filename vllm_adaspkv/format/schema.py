@@ -80,6 +80,13 @@ class KVQuantScheme(StrictModel):
         """Whether a layer of `kv_bits` stores float8 e4m3 values."""
         return kv_bits == 8 and self.eight_bit == "fp8_e4m3"
 
+    def bytes_per_token(self, bits_per_layer: list[int], num_kv_heads: int, head_dim: int,
+                        dense_element_bytes: int = 2) -> int:
+        """KV-cache bytes of one token over layers of these bits stored by this scheme (K and V, scales
+        included); 16-bit layers at `dense_element_bytes` a value."""
+        return bytes_per_token(bits_per_layer, num_kv_heads, head_dim, self.group_size, dense_element_bytes,
+                               self.fp8(8))
+
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -203,9 +210,7 @@ class Plan(StrictModel):
         """KV-cache bytes of one token (K and V of `num_kv_heads` heads in each of `layers`, default all;
         scales included) as this plan stores them; 16-bit layers at `dense_element_bytes` a value."""
         bits = [self.layers[i].kv_bits for i in (layers if layers is not None else range(len(self.layers)))]
-        scheme = self.kv_quant
-        return bytes_per_token(bits, num_kv_heads, head_dim, scheme.group_size, dense_element_bytes,
-                               scheme.eight_bit == "fp8_e4m3")
+        return self.kv_quant.bytes_per_token(bits, num_kv_heads, head_dim, dense_element_bytes)
 
     def layer_sparsity(self, params_per_linear: Mapping[str, int]) -> list[float]:
         """Per decoder layer, the share of its linear weights that are zero: what "a layer's sparsity"
