@@ -20,6 +20,16 @@ time as dense ones, so only the KV plan matters here). Reproduce:
     .venv/bin/python benchmarks/cpu_throughput.py --out results/cpu-throughput
     .venv/bin/python benchmarks/cpu_throughput.py --model smol-llava --plugin-plans 8,fp8,6,4 \
         --kv-cache-memory-bytes 23068672,184549376 --enforce-eager --out results/cpu-throughput-smol
+
+Where each step's time goes (--profile DIR, instead of the timed runs): every configuration runs
+once under vLLM's own profiler (`vllm bench throughput --profile`: torch.profiler inside the
+worker, over the whole run), and DIR gets each worker's table of operators by self CPU time (the
+plugin's C++ kernels are registered ops, adaspkv_kv::*, so they are rows of it) and profile.md,
+the largest operators' shares side by side. The profiler slows a run down; no requests/s is
+reported from it.
+
+    .venv/bin/python benchmarks/cpu_throughput.py --model smol-llava --plugin-plans 6 --no-fp8 \
+        --kv-cache-memory-bytes 184549376 --enforce-eager --num-prompts 32 --profile results/cpu-profile-smol
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import argparse
 import json
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -59,6 +70,7 @@ class BenchConfig:
     # Every configuration runs this many times, round-robin: on a shared 2-core machine one run of
     # the same command varies by up to 40% (stock at 1 MiB: 3.7 to 6.1 requests/s in four runs)
     repeats: int = 3
+    profile: Path | None = None  # where the profiled runs write their tables (see --profile)
 
     def __post_init__(self):
         allowed = ("16", "8", "6", "4", "2", "fp8")
@@ -111,6 +123,45 @@ def rows(config: BenchConfig) -> list[Row]:
                                ("--plugin", "adaspkv", "--tokenizer", base)))
     return [Row(name, model, extra, budget) for budget in config.kv_cache_memory_bytes
             for name, model, extra in configurations]
+
+
+PROFILE_ROW = re.compile(r"^\s*(\S.*?)\s{2,}([\d.]+)%\s")  # operator name, self CPU %
+
+
+def profiler_flags(trace_dir: Path) -> tuple[str, ...]:
+    """vLLM's torch profiler in the worker; without stacks (they double a CPU run's time)."""
+    settings = {"profiler": "torch", "torch_profiler_dir": str(trace_dir.resolve()),
+                "torch_profiler_with_stack": False, "torch_profiler_use_gzip": True}
+    return ("--profile", "--profiler-config", json.dumps(settings))
+
+
+def profile_row(config: BenchConfig, row: Row) -> dict[str, float]:
+    """One profiled run of `row`: its worker's table copied to the profile folder; returns
+    operator -> share of the worker's self CPU time (%)."""
+    slug = f"{row.name.replace(' ', '-')}-{row.kv_cache_memory_bytes >> 10}KiB"
+    trace_dir = config.workdir / "profiles" / slug
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    command = [*bench_command(config, row, config.workdir / f"{slug}-profiled.json"), *profiler_flags(trace_dir)]
+    print("$", shlex.join(command), flush=True)
+    log = config.workdir / f"{slug}-profiled.log"
+    with open(log, "w") as f:
+        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    tables = sorted(trace_dir.glob("*.profiler_out.txt"))
+    if done.returncode != 0 or not tables:
+        raise SystemExit(f"{row.name}: the profiled run failed (exit {done.returncode}) or wrote no table, log {log}")
+    text = tables[0].read_text()
+    (config.profile / f"{slug}.txt").write_text(text)
+    return {m[1]: float(m[2]) for line in text.splitlines() if (m := PROFILE_ROW.match(line))}
+
+
+def profile_table(shares: dict[str, dict[str, float]], top: int = 12) -> str:
+    """The `top` operators of each configuration, their self CPU shares side by side."""
+    names: list[str] = []
+    for ops in shares.values():
+        names += [n for n in sorted(ops, key=ops.get, reverse=True)[:top] if n not in names]
+    lines = ["| operator | " + " | ".join(shares) + " |", "| --- |" + " ---: |" * len(shares)]
+    lines += [f"| `{n}` | " + " | ".join(f"{ops.get(n, 0.0):.1f} %" for ops in shares.values()) + " |" for n in names]
+    return "\n".join(lines)
 
 
 def bench_command(config: BenchConfig, row: Row, output_json: Path) -> list[str]:
@@ -192,6 +243,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                         "smol-llava's 30 layers)")
     p.add_argument("--repeats", type=int, default=d.repeats, help="runs of each configuration, round-robin "
                    "(default: %(default)s)")
+    p.add_argument("--profile", type=Path, metavar="DIR", help="instead of the timed runs, one run of each "
+                   "configuration under vLLM's torch profiler; tables of operators by self CPU time to DIR")
     a = p.parse_args(argv)
     try:
         budgets = tuple(int(b) for b in a.kv_cache_memory_bytes.split(","))
@@ -201,12 +254,20 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     return BenchConfig(model=a.model, out=a.out, workdir=a.workdir, plugin_plans=plans, kv_group=a.kv_group,
                        kv_cache_memory_bytes=budgets, dtype=a.dtype, num_prompts=a.num_prompts,
                        input_len=a.input_len, output_len=a.output_len, fp8_baseline=not a.no_fp8,
-                       repeats=a.repeats, enforce_eager=a.enforce_eager)
+                       repeats=a.repeats, enforce_eager=a.enforce_eager,
+                       profile=a.profile)
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     config.workdir.mkdir(parents=True, exist_ok=True)
+    if config.profile:
+        config.profile.mkdir(parents=True, exist_ok=True)
+        shares = {f"{row.name}, {row.kv_cache_memory_bytes >> 20} MiB": profile_row(config, row) for row in rows(config)}
+        text = profile_table(shares)
+        (config.profile / "profile.md").write_text(text + "\n")
+        print("\n" + text + f"\n\nwritten: {config.profile}")
+        return 0
     # round-robin, so that a slow spell of the machine hits every configuration alike
     results = [run_row(config, row, repeat) for repeat in range(config.repeats) for row in rows(config)]
     print("\n" + table(results))

@@ -82,3 +82,51 @@ def test_cpu_throughput_table_takes_medians_over_repeats(monkeypatch):
     assert lines[3] == "| 1 MiB | plugin 4-bit | 1,792 | 7.000 (6.00-8.00) | 896.0 | 1.40x |"  # 7 / 5
     with pytest.raises(ValueError, match="--repeats 0: must be >= 1"):
         bench.BenchConfig(repeats=0)
+
+
+def load_benchmark(monkeypatch, name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+# The head of a worker's table as vLLM's torch profiler writes it (self CPU time, CPU-only run).
+PROFILER_TABLE = """\
+-----------------------------------------------------  ------------  ------------  ------------
+                                                 Name    Self CPU %      Self CPU   CPU total %
+-----------------------------------------------------  ------------  ------------  ------------
+                            adaspkv_kv::attend_decode        36.08%        8.898s        36.26%
+                                        _C::onednn_mm        33.55%        8.274s        33.75%
+               execute_context_0(0)_generation_32(32)        10.32%        2.544s        84.07%
+-----------------------------------------------------  ------------  ------------  ------------
+Self CPU time total: 24.659s
+"""
+
+
+def test_cpu_throughput_profile_reads_the_workers_table(monkeypatch):
+    bench = load_benchmark(monkeypatch, "cpu_throughput")
+    shares = {m[1]: float(m[2]) for line in PROFILER_TABLE.splitlines() if (m := bench.PROFILE_ROW.match(line))}
+    assert shares == {"adaspkv_kv::attend_decode": 36.08, "_C::onednn_mm": 33.55,
+                      "execute_context_0(0)_generation_32(32)": 10.32}
+    lines = bench.profile_table({"plugin 6-bit": shares, "stock": {"_C::onednn_mm": 47.8}}, top=2).splitlines()
+    assert lines[2:] == ["| `adaspkv_kv::attend_decode` | 36.1 % | 0.0 % |",
+                         "| `_C::onednn_mm` | 33.5 % | 47.8 % |"]
+    flags = bench.profiler_flags(Path("/tmp/traces"))
+    assert flags[:2] == ("--profile", "--profiler-config")
+    assert json.loads(flags[2])["torch_profiler_dir"] == "/tmp/traces"
+
+
+def test_kernel_decode_attention_cpu_runs_every_format(tmp_path):
+    out = tmp_path / "kernel.json"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_decode_attention_cpu.py"), "--batch", "2",
+                          "--context", "20", "--iters", "2", "--repeats", "1", "--json", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["format"] for r in rows] == ["16", "8", "fp8", "6", "4", "2"]
+    assert [r["row_bytes"] for r in rows] == [128, 72, 64, 56, 40, 24]  # head_dim 64, group 32
+    assert all(r["us_per_call"] > 0 for r in rows)

@@ -113,3 +113,41 @@ def test_fp8_rows_written_byte_for_byte_and_attended_as_the_reference(ops, rotat
     out = ops.attend(*args)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, paged.attend(*args), rtol=1e-3, atol=1e-4)
+
+
+# The kernel has an instantiation per (head_dim, group) for 64/32, 64/64, 128/32, 128/64, 128/128
+# and one that reads both at run time (96/48, 128/16): every one, every format, against the reference.
+SHAPES = [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128), (96, 48), (128, 16)]
+
+
+@pytest.mark.parametrize(("head_dim", "group"), SHAPES, ids=[f"d{d}-g{g}" for d, g in SHAPES])
+@pytest.mark.parametrize("name", ["16", "8", "fp8", "6", "4", "2"])
+def test_decode_attention_for_each_compiled_shape(ops, head_dim, group, name):
+    gen = torch.Generator().manual_seed(head_dim + group)
+    fmt = KVFormat(8, head_dim, fp8=True) if name == "fp8" else KVFormat(int(name), head_dim, group)
+    block_size, blocks, seq_lens = 16, 12, [1, 17, 40]
+    cache = garbage_cache(blocks, block_size, fmt, False, gen, "cpu")
+    table = torch.randperm(blocks, generator=gen)[:9].reshape(3, 3)
+    for r, n in enumerate(seq_lens):
+        pos = torch.arange(n)
+        k, v = torch.randn(2, n, KV_HEADS, head_dim, generator=gen)
+        ops.write(cache, k, v, (table[r][pos // block_size] * block_size + pos % block_size).long(), fmt)
+    query = torch.randn(3, 3 * KV_HEADS, head_dim, generator=gen)
+    args = (query, cache, table.int(), torch.tensor(seq_lens, dtype=torch.int32),
+            torch.arange(4, dtype=torch.int32), 1, max(seq_lens), head_dim**-0.5, fmt)
+    torch.testing.assert_close(ops.attend(*args), paged.attend(*args), rtol=1e-3, atol=1e-4)
+
+
+def test_fp8_decode_is_exact_for_every_byte(ops):
+    """A context of one token attends with probability exactly 1, so the output is that token's V
+    row as the kernel decodes it: every float8 e4m3 byte but the two NaNs (never stored: values are
+    clamped to +-448) must come out as torch's own conversion, subnormals included."""
+    fmt = KVFormat(8, 64, fp8=True)
+    values = torch.arange(256, dtype=torch.uint8)
+    values[values == 0x7F], values[values == 0xFF] = 0, 0  # the NaNs
+    cache = torch.zeros(4, 1, 1, fmt.token_head_bytes, dtype=torch.uint8)
+    cache[:, 0, 0, 64:] = values.view(4, 64)  # V rows; K rows 0
+    out = ops.attend(torch.ones(4, 1, 64), cache, torch.arange(4, dtype=torch.int32).view(4, 1),
+                     torch.ones(4, dtype=torch.int32), torch.arange(5, dtype=torch.int32), 1, 1, 0.125, fmt)
+    expected = values.view(torch.float8_e4m3fn).float().view(4, 1, 64)
+    assert torch.equal(out, expected)  # (-0.0 == 0.0: the sum 0 + 1 x -0.0 is +0.0 anyway)

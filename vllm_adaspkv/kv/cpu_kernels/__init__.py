@@ -41,8 +41,10 @@ def load() -> ModuleType:
     # -march=native: the build is this machine's; the name carries the CPU's vector ISA, so a cache
     # directory shared with another kind of CPU builds its own copy instead of loading this one.
     isa = torch.backends.cpu.get_cpu_capability().lower()
-    return build(name=f"adaspkv_paged_kv_cpu_{isa}", sources=[str(SOURCE)],
-                 extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off"], verbose=False)
+    # is_python_module=False: the library registers torch.ops.adaspkv_kv.* (named in profiles)
+    build(name=f"adaspkv_paged_kv_cpu_{isa}", sources=[str(SOURCE)], is_python_module=False,
+          extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off"], verbose=False)
+    return torch.ops.adaspkv_kv
 
 
 def write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,

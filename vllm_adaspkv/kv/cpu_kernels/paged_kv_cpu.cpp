@@ -6,19 +6,25 @@
 // a token's entry for one KV head is [K row | V row]. 16 bits stores fp16 values, no scales; the
 // fp8 tier stores float8 e4m3 values (one byte each, clamped to +-448), no scales.
 // Cache [blocks, kv heads, block_size, 2 * row_bytes], any strides with a row's bytes contiguous.
-// Built by torch.utils.cpp_extension (vllm_adaspkv/cpu_kernels/__init__.py); compiled with
+// Built by torch.utils.cpp_extension (vllm_adaspkv/kv/cpu_kernels/__init__.py); compiled with
 // -ffp-contract=off so that quantization rounds exactly as the PyTorch reference does.
 
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -36,17 +42,6 @@ struct RowFormat {
 };
 
 constexpr float kFp8Max = 448.f;  // quant.FP8_MAX: e4m3fn has no infinity, so values are clamped first
-
-// The 256 float8 e4m3 values, indexed by their byte: decoding a row is one lookup per value.
-const float* fp8_values() {
-  static const std::vector<float> table = [] {
-    std::vector<float> t(256);
-    for (int b = 0; b < 256; ++b) t[b] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(b),
-                                                                                c10::Float8_e4m3fn::from_bits()));
-    return t;
-  }();
-  return table.data();
-}
 
 inline float load_half(const uint8_t* p) {
   uint16_t bits;
@@ -78,23 +73,50 @@ std::vector<int64_t> decode_order(const RowFormat& f) {  // permuted position ->
   return channel;
 }
 
+// fp16 values -> floats (F16C where the CPU has it: 8 a time; the compiler does not vectorize
+// c10::Half's bit arithmetic).
+inline void halves_to_floats(const uint8_t* __restrict p, int64_t n, float* __restrict out) {
+  int64_t d = 0;
+#if defined(__F16C__)
+  for (; d + 8 <= n; d += 8)
+    _mm256_storeu_ps(out + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * d))));
+#endif
+  for (; d < n; ++d) out[d] = load_half(p + 2 * d);
+}
+
+// One float8 e4m3 byte -> its value, exactly, in integer arithmetic that vectorizes (a table
+// lookup does not): a normal number's exponent and mantissa move into float32's fields and the
+// exponent bias changes from 7 to 127; a subnormal (exponent 0) is mantissa x 2^-9. NaN bytes
+// never reach a cache (values are clamped to +-448 before they are stored).
+inline float fp8_to_float(uint8_t byte) {
+  const uint32_t magnitude = byte & 0x7Fu, sign = static_cast<uint32_t>(byte & 0x80u) << 24;
+  const uint32_t normal = (magnitude << 20) + (120u << 23);
+  const uint32_t subnormal = std::bit_cast<uint32_t>(static_cast<float>(magnitude) * 0x1p-9f);
+  const uint32_t is_normal = 0u - (magnitude >> 3 != 0);  // all ones or zero: a select without a branch
+  return std::bit_cast<float>((normal & is_normal) | (subnormal & ~is_normal) | sign);
+}
+
 // One K or V row -> head_dim floats in decode order: code * scale + zero (two roundings, as the
 // reference; codes little-endian within a byte, 6 bits: 4 codes in 3 bytes, the first lowest).
-template <int BITS>
-void decode_row(const uint8_t* row, const RowFormat& f, float* out) {
+// DT, GT: head_dim and group known at compile time (0: read from f), so that the common shapes'
+// loops are unrolled and vectorized.
+template <int BITS, int DT, int GT>
+inline void decode_row(const uint8_t* __restrict row, const RowFormat& f, float* __restrict out) {
+  const int64_t head_dim = DT ? DT : f.head_dim;
   if constexpr (BITS == 16) {
-    for (int64_t d = 0; d < f.head_dim; ++d) out[d] = load_half(row + 2 * d);
+    halves_to_floats(row, head_dim, out);
   } else if constexpr (BITS == kFp8) {
-    const float* values = fp8_values();
-    for (int64_t d = 0; d < f.head_dim; ++d) out[d] = values[row[d]];
+#pragma omp simd
+    for (int64_t d = 0; d < head_dim; ++d) out[d] = fp8_to_float(row[d]);
   } else {
+    const int64_t group = GT ? GT : f.group;
     constexpr int per = codes_per_unit(BITS);
-    const int64_t units = f.group / per;
-    const uint8_t* scales = row + f.code_bytes;
-    for (int64_t g = 0; g < f.head_dim / f.group; ++g) {
+    const int64_t units = group / per;
+    const uint8_t* scales = row + head_dim * BITS / 8;
+    for (int64_t g = 0; g < head_dim / group; ++g) {
       const float scale = load_half(scales + 4 * g), zero = load_half(scales + 4 * g + 2);
-      const uint8_t* c = row + g * f.group * BITS / 8;  // this group's codes
-      float* o = out + g * f.group;
+      const uint8_t* c = row + g * group * BITS / 8;  // this group's codes
+      float* o = out + g * group;
       for (int k = 0; k < per; ++k) {
         float* ok = o + k * units;
         for (int64_t j = 0; j < units; ++j) {
@@ -108,6 +130,23 @@ void decode_row(const uint8_t* row, const RowFormat& f, float* out) {
       }
     }
   }
+}
+
+// exp(x) for x <= 0 (softmax after the max is subtracted), relative error ~1e-7: Cephes' expf
+// polynomial in plain arithmetic, so a loop of it vectorizes (std::exp does not without
+// -ffast-math, which the quantizer's exact rounding rules out).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.f);  // exp(-87) is still a normal float, and so is 2^n below
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23)
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln 2 in two steps (Cody-Waite)
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  return p * std::bit_cast<float>(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
 }
 
 // head_dim floats -> one row, step for step as kv_quant.quantize: fp16 scale and zero first,
@@ -197,14 +236,21 @@ void write_cache(torch::Tensor cache, torch::Tensor kv, torch::Tensor slots, int
   });
 }
 
-template <int BITS>
+using AttendFn = void (*)(const float*, const uint8_t*, const int32_t*, int64_t, const int32_t*, float*,
+                          const RowFormat&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float);
+
+// Per request and KV head, page by page: decode the page's K rows into a tile, score them
+// against this KV head's query heads; softmax over the whole context; then decode the V rows
+// the same way and accumulate. Each K and V row is decoded once for all rep query heads.
+template <int BITS, int DT, int GT>
 void attend_decode_impl(const float* q, const uint8_t* base, const int32_t* table, int64_t table_stride,
                         const int32_t* lens, float* o, const RowFormat& f, int64_t num_reqs, int64_t q_heads,
                         int64_t kv_heads, int64_t block_size, int64_t sb, int64_t sh, int64_t sn, float sm_scale) {
-  const int64_t head_dim = f.head_dim, rep = q_heads / kv_heads;
+  const int64_t head_dim = DT ? DT : f.head_dim, rep = q_heads / kv_heads;
   const std::vector<int64_t> channel = decode_order(f);
   at::parallel_for(0, num_reqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(head_dim), scores, max_score(rep), total(rep), qh(rep * head_dim), oh(rep * head_dim);
+    std::vector<float> tile_buffer(block_size * head_dim), scores, qh(rep * head_dim), oh(rep * head_dim);
+    float* __restrict tile = tile_buffer.data();  // [block_size, head_dim] decoded rows of one page
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / kv_heads, h = i % kv_heads, len = lens[r];
       if (len <= 0) continue;
@@ -213,45 +259,54 @@ void attend_decode_impl(const float* q, const uint8_t* base, const int32_t* tabl
       for (int64_t j = 0; j < rep; ++j)
         for (int64_t d = 0; d < head_dim; ++d) qh[j * head_dim + d] = q_in[j * head_dim + channel[d]];
       std::fill(oh.begin(), oh.end(), 0.f);
-      auto for_each_row = [&](auto&& visit) {  // visit(s, row) for s in [0, len), page by page
+      scores.resize(rep * len);  // [rep, len]
+      // visit(start, n, rows): each page's first position, token count and first row
+      auto for_each_page = [&](auto&& visit) {
         for (int64_t start = 0; start < len; start += block_size) {
-          const uint8_t* row = base + static_cast<int64_t>(table[r * table_stride + start / block_size]) * sb + h * sh;
-          for (int64_t s = start; s < std::min(start + block_size, len); ++s, row += sn) visit(s, row);
+          const int64_t page = table[r * table_stride + start / block_size];
+          visit(start, std::min(block_size, len - start), base + page * sb + h * sh);
         }
       };
-      scores.resize(rep * len);  // [rep, len]
-      std::fill(max_score.begin(), max_score.end(), -std::numeric_limits<float>::infinity());
-      std::fill(total.begin(), total.end(), 0.f);
-      float* k = row.data();
-      for_each_row([&](int64_t s, const uint8_t* kv_row) {  // pass 1: scores, each K row decoded once
-        decode_row<BITS>(kv_row, f, k);
+      for_each_page([&](int64_t start, int64_t n, const uint8_t* rows) {  // pass 1: scores
+        for (int64_t t = 0; t < n; ++t) decode_row<BITS, DT, GT>(rows + t * sn, f, tile + t * head_dim);
         for (int64_t j = 0; j < rep; ++j) {
-          const float* qj = qh.data() + j * head_dim;
-          float dot = 0.f;
+          const float* __restrict qj = qh.data() + j * head_dim;
+          float* sj = scores.data() + j * len + start;
+          for (int64_t t = 0; t < n; ++t) {
+            const float* __restrict k = tile + t * head_dim;
+            float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < head_dim; ++d) dot += qj[d] * k[d];
-          scores[j * len + s] = dot * sm_scale;
-          max_score[j] = std::max(max_score[j], dot * sm_scale);
+            for (int64_t d = 0; d < head_dim; ++d) dot += qj[d] * k[d];
+            sj[t] = dot * sm_scale;
+          }
         }
       });
-      for (int64_t j = 0; j < rep; ++j) {
-        float* sj = scores.data() + j * len;
-        const float m = max_score[j];
+      for (int64_t j = 0; j < rep; ++j) {  // softmax of each query head's scores
+        float* __restrict sj = scores.data() + j * len;
+        float m = sj[0];
+        for (int64_t s = 1; s < len; ++s) m = std::max(m, sj[s]);
         float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
         for (int64_t s = 0; s < len; ++s) {
-          sj[s] = std::exp(sj[s] - m);
+          sj[s] = exp_nonpositive(sj[s] - m);
           sum += sj[s];
         }
-        total[j] = sum;
-      }
-      float* v = row.data();
-      for_each_row([&](int64_t s, const uint8_t* kv_row) {  // pass 2: probabilities times values
-        decode_row<BITS>(kv_row + f.row_bytes, f, v);
-        for (int64_t j = 0; j < rep; ++j) {
-          const float p = scores[j * len + s] / total[j];
-          float* oj = oh.data() + j * head_dim;
+        const float inverse = 1.f / sum;
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) oj[d] += p * v[d];
+        for (int64_t s = 0; s < len; ++s) sj[s] *= inverse;
+      }
+      for_each_page([&](int64_t start, int64_t n, const uint8_t* rows) {  // pass 2: probabilities x values
+        for (int64_t t = 0; t < n; ++t)
+          decode_row<BITS, DT, GT>(rows + t * sn + f.row_bytes, f, tile + t * head_dim);
+        for (int64_t j = 0; j < rep; ++j) {
+          float* __restrict oj = oh.data() + j * head_dim;
+          const float* pj = scores.data() + j * len + start;
+          for (int64_t t = 0; t < n; ++t) {
+            const float p = pj[t];
+            const float* __restrict v = tile + t * head_dim;
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; ++d) oj[d] += p * v[d];
+          }
         }
       });
       float* o_out = o + (r * q_heads + h * rep) * head_dim;
@@ -259,6 +314,23 @@ void attend_decode_impl(const float* q, const uint8_t* base, const int32_t* tabl
         for (int64_t d = 0; d < head_dim; ++d) o_out[j * head_dim + channel[d]] = oh[j * head_dim + d];
     }
   });
+}
+
+// The instantiation for a format: head_dim 64 or 128 with their usual groups at compile time,
+// any other shape with both read at run time.
+template <int BITS>
+AttendFn attend_for_shape(int64_t head_dim, int64_t group) {
+  if constexpr (BITS == 16 || BITS == kFp8) {  // no groups
+    if (head_dim == 64) return attend_decode_impl<BITS, 64, 64>;
+    if (head_dim == 128) return attend_decode_impl<BITS, 128, 128>;
+  } else {
+    if (head_dim == 64 && group == 32) return attend_decode_impl<BITS, 64, 32>;
+    if (head_dim == 64 && group == 64) return attend_decode_impl<BITS, 64, 64>;
+    if (head_dim == 128 && group == 32) return attend_decode_impl<BITS, 128, 32>;
+    if (head_dim == 128 && group == 64) return attend_decode_impl<BITS, 128, 64>;
+    if (head_dim == 128 && group == 128) return attend_decode_impl<BITS, 128, 128>;
+  }
+  return attend_decode_impl<BITS, 0, 0>;
 }
 
 // One new token per request: query [R, Hq, D] float32 over each request's seq_lens[r] cached
@@ -288,24 +360,31 @@ torch::Tensor attend_decode(torch::Tensor query, torch::Tensor cache, torch::Ten
                   cache.size(0), " blocks");
   }
   auto out = torch::zeros_like(query);  // requests without context (length 0) stay 0
-  const auto run = [&](auto impl) {
-    impl(query.data_ptr<float>(), cache.data_ptr<uint8_t>(), block_table.data_ptr<int32_t>(), block_table.stride(0),
-         seq_lens.data_ptr<int32_t>(), out.data_ptr<float>(), f, query.size(0), q_heads, kv_heads, cache.size(2),
-         cache.stride(0), cache.stride(1), cache.stride(2), static_cast<float>(scale));
-  };
+  AttendFn impl;
   switch (fp8 ? kFp8 : bits) {
-    case kFp8: run(attend_decode_impl<kFp8>); break;
-    case 16: run(attend_decode_impl<16>); break;
-    case 8: run(attend_decode_impl<8>); break;
-    case 6: run(attend_decode_impl<6>); break;
-    case 4: run(attend_decode_impl<4>); break;
-    case 2: run(attend_decode_impl<2>); break;
+    case kFp8: impl = attend_for_shape<kFp8>(f.head_dim, f.group); break;
+    case 16: impl = attend_for_shape<16>(f.head_dim, f.group); break;
+    case 8: impl = attend_for_shape<8>(f.head_dim, f.group); break;
+    case 6: impl = attend_for_shape<6>(f.head_dim, f.group); break;
+    case 4: impl = attend_for_shape<4>(f.head_dim, f.group); break;
+    case 2: impl = attend_for_shape<2>(f.head_dim, f.group); break;
     default: TORCH_CHECK(false, "KV bits ", bits, ": allowed 16, 8, 6, 4, 2");
   }
+  impl(query.data_ptr<float>(), cache.data_ptr<uint8_t>(), block_table.data_ptr<int32_t>(), block_table.stride(0),
+       seq_lens.data_ptr<int32_t>(), out.data_ptr<float>(), f, query.size(0), q_heads, kv_heads, cache.size(2),
+       cache.stride(0), cache.stride(1), cache.stride(2), static_cast<float>(scale));
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("write_cache", &write_cache, "quantize K/V rows into their cache slots");
-  m.def("attend_decode", &attend_decode, "decode attention over the quantized paged cache");
+// Registered with the dispatcher (not pybind): the ops are torch.ops.adaspkv_kv.*, so they show by
+// name in torch.profiler tables (vLLM's --profile) and stay opaque, schema-checked calls.
+TORCH_LIBRARY(adaspkv_kv, m) {
+  m.def("write_cache(Tensor(a!) cache, Tensor kv, Tensor slots, int bits, int group, bool fp8) -> ()");
+  m.def("attend_decode(Tensor query, Tensor cache, Tensor block_table, Tensor seq_lens, float scale, int bits, "
+        "int group, bool fp8) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(adaspkv_kv, CPU, m) {
+  m.impl("write_cache", &write_cache);
+  m.impl("attend_decode", &attend_decode);
 }
