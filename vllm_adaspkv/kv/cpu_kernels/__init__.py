@@ -42,8 +42,11 @@ def load() -> ModuleType:
     # directory shared with another kind of CPU builds its own copy instead of loading this one.
     isa = torch.backends.cpu.get_cpu_capability().lower()
     # is_python_module=False: the library registers torch.ops.adaspkv_kv.* (named in profiles)
+    # -fopenmp: at::parallel_for is inline OpenMP; compiled without it, it runs on one thread. The
+    # extension then shares torch's libgomp (same soname, already loaded) and its thread count.
     build(name=f"adaspkv_paged_kv_cpu_{isa}", sources=[str(SOURCE)], is_python_module=False,
-          extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off"], verbose=False)
+          extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
+          verbose=False)
     return torch.ops.adaspkv_kv
 
 

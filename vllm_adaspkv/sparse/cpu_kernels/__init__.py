@@ -33,8 +33,10 @@ def load() -> ModuleType:
     from torch.utils.cpp_extension import load as build
 
     logger.info("adaspkv: loading the C++ packed sparse linear kernels (compiled on first use, about a minute)")
+    # -fopenmp: at::parallel_for is inline OpenMP; compiled without it, it runs on one thread. The
+    # extension then shares torch's libgomp (same soname, already loaded) and its thread count.
     return build(name=f"adaspkv_packed_linear_cpu_{_cpu_tag()}", sources=[str(SOURCE)],
-                 extra_cflags=["-O3", "-march=native"], verbose=False)
+                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def _cpu_tag() -> str:
