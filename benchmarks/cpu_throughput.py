@@ -126,6 +126,8 @@ def rows(config: BenchConfig) -> list[Row]:
 
 
 PROFILE_ROW = re.compile(r"^\s*(\S.*?)\s{2,}([\d.]+)%\s")  # operator name, self CPU %
+PROFILE_TOTAL = re.compile(r"^Self CPU time total: ([\d.]+)(us|ms|s)$", re.MULTILINE)
+TOTAL = "self CPU time of all operators, s"
 
 
 def profiler_flags(trace_dir: Path) -> tuple[str, ...]:
@@ -137,7 +139,7 @@ def profiler_flags(trace_dir: Path) -> tuple[str, ...]:
 
 def profile_row(config: BenchConfig, row: Row) -> dict[str, float]:
     """One profiled run of `row`: its worker's table copied to the profile folder; returns
-    operator -> share of the worker's self CPU time (%)."""
+    operator -> share of the worker's self CPU time (%), and TOTAL -> that time in seconds."""
     slug = f"{row.name.replace(' ', '-')}-{row.kv_cache_memory_bytes >> 10}KiB"
     trace_dir = config.workdir / "profiles" / slug
     shutil.rmtree(trace_dir, ignore_errors=True)
@@ -151,15 +153,26 @@ def profile_row(config: BenchConfig, row: Row) -> dict[str, float]:
         raise SystemExit(f"{row.name}: the profiled run failed (exit {done.returncode}) or wrote no table, log {log}")
     text = tables[0].read_text()
     (config.profile / f"{slug}.txt").write_text(text)
-    return {m[1]: float(m[2]) for line in text.splitlines() if (m := PROFILE_ROW.match(line))}
+    return read_profile(text)
+
+
+def read_profile(text: str) -> dict[str, float]:
+    """A torch.profiler table (by self CPU time) -> operator -> share (%), and TOTAL -> seconds."""
+    shares = {m[1]: float(m[2]) for line in text.splitlines() if (m := PROFILE_ROW.match(line))}
+    if total := PROFILE_TOTAL.search(text):
+        shares[TOTAL] = float(total[1]) / {"us": 1e6, "ms": 1e3, "s": 1.0}[total[2]]
+    return shares
 
 
 def profile_table(shares: dict[str, dict[str, float]], top: int = 12) -> str:
-    """The `top` operators of each configuration, their self CPU shares side by side."""
+    """The `top` operators of each configuration, their self CPU shares side by side, under the
+    total self CPU time of each."""
     names: list[str] = []
     for ops in shares.values():
-        names += [n for n in sorted(ops, key=ops.get, reverse=True)[:top] if n not in names]
-    lines = ["| operator | " + " | ".join(shares) + " |", "| --- |" + " ---: |" * len(shares)]
+        ranked = sorted((n for n in ops if n != TOTAL), key=ops.get, reverse=True)
+        names += [n for n in ranked[:top] if n not in names]
+    lines = ["| operator | " + " | ".join(shares) + " |", "| --- |" + " ---: |" * len(shares),
+             f"| {TOTAL} | " + " | ".join(f"{ops.get(TOTAL, float('nan')):.2f}" for ops in shares.values()) + " |"]
     lines += [f"| `{n}` | " + " | ".join(f"{ops.get(n, 0.0):.1f} %" for ops in shares.values()) + " |" for n in names]
     return "\n".join(lines)
 

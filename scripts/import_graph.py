@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("vllm_adaspkv", "offline_search", "demo")
 # The layers, lowest first: a subpackage may import only from lower layers (and from itself).
 LAYERS = (
-    ("vllm_adaspkv.errors",),
+    ("vllm_adaspkv.errors", "vllm_adaspkv.cpp_build"),
     ("vllm_adaspkv.kv", "vllm_adaspkv.sparse"),
     ("vllm_adaspkv.format", "offline_search.core"),
     ("vllm_adaspkv.engine", "offline_search.data"),

@@ -109,11 +109,14 @@ Self CPU time total: 24.659s
 
 def test_cpu_throughput_profile_reads_the_workers_table(monkeypatch):
     bench = load_benchmark(monkeypatch, "cpu_throughput")
-    shares = {m[1]: float(m[2]) for line in PROFILER_TABLE.splitlines() if (m := bench.PROFILE_ROW.match(line))}
+    shares = bench.read_profile(PROFILER_TABLE)
     assert shares == {"adaspkv_kv::attend_decode": 36.08, "_C::onednn_mm": 33.55,
-                      "execute_context_0(0)_generation_32(32)": 10.32}
-    lines = bench.profile_table({"plugin 6-bit": shares, "stock": {"_C::onednn_mm": 47.8}}, top=2).splitlines()
-    assert lines[2:] == ["| `adaspkv_kv::attend_decode` | 36.1 % | 0.0 % |",
+                      "execute_context_0(0)_generation_32(32)": 10.32, bench.TOTAL: 24.659}
+    assert bench.read_profile("Self CPU time total: 812.5ms\n") == {bench.TOTAL: 0.8125}
+    stock = {"_C::onednn_mm": 47.8, bench.TOTAL: 30.0}
+    lines = bench.profile_table({"plugin 6-bit": shares, "stock": stock}, top=2).splitlines()
+    assert lines[2:] == [f"| {bench.TOTAL} | 24.66 | 30.00 |",
+                         "| `adaspkv_kv::attend_decode` | 36.1 % | 0.0 % |",
                          "| `_C::onednn_mm` | 33.5 % | 47.8 % |"]
     flags = bench.profiler_flags(Path("/tmp/traces"))
     assert flags[:2] == ("--profile", "--profiler-config")

@@ -103,3 +103,16 @@ def ast_docstring(path) -> str | None:
     import ast
 
     return ast.get_docstring(ast.parse(path.read_text()))
+
+
+def test_the_cpp_sources_compiled_at_first_use_are_package_data():
+    """The C++ kernels are compiled on the user's machine from the installed package: a source or
+    header missing from pyproject's package-data is missing from a wheel install."""
+    import fnmatch
+    import tomllib
+
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["vllm_adaspkv"]
+    package = REPO / "vllm_adaspkv"
+    sources = [p.relative_to(package).as_posix() for ext in ("*.cpp", "*.h") for p in package.rglob(ext)]
+    assert len(sources) >= 3  # the KV kernels, their row header, the packed linear
+    assert [s for s in sources if not any(fnmatch.fnmatch(s, g) for g in globs)] == []

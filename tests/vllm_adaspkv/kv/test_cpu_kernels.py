@@ -140,14 +140,51 @@ def test_decode_attention_for_each_compiled_shape(ops, head_dim, group, name):
 
 def test_fp8_decode_is_exact_for_every_byte(ops):
     """A context of one token attends with probability exactly 1, so the output is that token's V
-    row as the kernel decodes it: every float8 e4m3 byte but the two NaNs (never stored: values are
-    clamped to +-448) must come out as torch's own conversion, subnormals included."""
+    row as the kernel decodes it: every float8 e4m3 byte must come out as torch's own conversion,
+    subnormals included, and the two NaN bytes (what a NaN value is stored as) as NaN."""
     fmt = KVFormat(8, 64, fp8=True)
     values = torch.arange(256, dtype=torch.uint8)
-    values[values == 0x7F], values[values == 0xFF] = 0, 0  # the NaNs
     cache = torch.zeros(4, 1, 1, fmt.token_head_bytes, dtype=torch.uint8)
     cache[:, 0, 0, 64:] = values.view(4, 64)  # V rows; K rows 0
     out = ops.attend(torch.ones(4, 1, 64), cache, torch.arange(4, dtype=torch.int32).view(4, 1),
                      torch.ones(4, dtype=torch.int32), torch.arange(5, dtype=torch.int32), 1, 1, 0.125, fmt)
     expected = values.view(torch.float8_e4m3fn).float().view(4, 1, 64)
-    assert torch.equal(out, expected)  # (-0.0 == 0.0: the sum 0 + 1 x -0.0 is +0.0 anyway)
+    assert int(expected.isnan().sum()) == 2
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(("bits", "group", "fp8", "message"), [
+    (1, 32, False, "KV bits 1: allowed 16, 8, 6, 4, 2"),
+    (4, 6, True, "float8 e4m3 rows are an 8-bit format, not 4-bit"),
+    (8, 0, False, "KV group size 0 must divide head_dim 64"),
+    (6, 2, False, "KV group size 2 must divide head_dim 64 and be a multiple of 4 for 6-bit codes"),
+])
+def test_the_ops_refuse_a_bad_layout_by_name(ops, bits, group, fp8, message):
+    """The registered ops check quant.check_layout's rules themselves (a caller of
+    torch.ops.adaspkv_kv may skip KVFormat): a clear error, not a division by zero."""
+    cache = torch.zeros(2, 1, 4, 128, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match=message):
+        ops.load().attend_decode(torch.zeros(1, 1, 64), cache, torch.zeros(1, 1, dtype=torch.int32),
+                                 torch.ones(1, dtype=torch.int32), 0.125, bits, group, fp8)
+    with pytest.raises(RuntimeError, match=message):
+        ops.load().write_cache(cache, torch.zeros(1, 1, 2, 64), torch.zeros(1, dtype=torch.int64), bits, group, fp8)
+
+
+def test_fp8_write_rounds_as_torch_for_every_kind_of_value(ops):
+    """The kernel's branch-free float -> e4m3 rounding against torch's .to(float8_e4m3fn) (through
+    paged.write): every e4m3 value, every midpoint between neighbours (ties to even) and the floats
+    just either side of it, subnormals, both signs, beyond +-448, NaN."""
+    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    values = every[every.isfinite()].unique()  # sorted, -448 .. 448
+    mids = (values[1:] + values[:-1]) / 2
+    x = torch.cat([values, mids, mids.nextafter(torch.tensor(1e9)), mids.nextafter(torch.tensor(-1e9)),
+                   torch.tensor([500.0, -1e4, 448.1, 1e-10, -1e-10, 2.0**-10, -0.0, float("nan"), -float("nan")]),
+                   torch.randn(1024, generator=torch.Generator().manual_seed(0)) * 60])
+    x = torch.cat([x, x.new_zeros(-len(x) % 64)]).view(-1, 1, 64)  # [T, 1 head, 64]
+    fmt = KVFormat(8, 64, fp8=True)
+    cache = torch.zeros(len(x), 1, 1, fmt.token_head_bytes, dtype=torch.uint8)
+    expected = cache.clone()
+    slots = torch.arange(len(x))
+    paged.write(expected, x, -x, slots, fmt)
+    ops.write(cache, x, -x, slots, fmt)
+    assert torch.equal(cache, expected), f"{int((cache != expected).sum())} of {cache.numel()} bytes differ"

@@ -9,10 +9,12 @@ These do the work in one pass: `write` quantizes and packs each K/V row straight
 step (one new token each). Requests with several new tokens (prefill, chunked prefill) go to
 kv.paged's batched PyTorch attention: they are a small share of a serving step's requests.
 
-The extension is compiled by torch.utils.cpp_extension on first use (about a minute on 2
-cores, with the C++ compiler that torch.compile on CPU needs too) and cached under
-~/.cache/torch_extensions; `load` builds it up front, the attention backend calls it when it
-is constructed on CPU.
+The extension (paged_kv_cpu.cpp, the row format in kv_rows.h) is compiled by
+torch.utils.cpp_extension on first use (about a minute on 2 cores, with the C++ compiler that
+torch.compile on CPU needs too) and cached under ~/.cache/torch_extensions; `load` builds it up
+front, the attention backend calls it when it is constructed on CPU. Its ops are registered
+with PyTorch's dispatcher as torch.ops.adaspkv_kv.* (so profilers name them) and run on torch's
+intra-op threads.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
+from vllm_adaspkv.cpp_build import OPENMP_FLAGS
 from vllm_adaspkv.kv import paged
 from vllm_adaspkv.kv.paged import KVFormat
 from vllm_adaspkv.kv.quant import hadamard_on
@@ -33,8 +35,9 @@ SOURCE = Path(__file__).with_name("paged_kv_cpu.cpp")
 
 
 @functools.cache
-def load() -> ModuleType:
-    """The compiled extension (built once per machine and source version, then loaded from cache)."""
+def load():
+    """The extension's ops, torch.ops.adaspkv_kv (built once per machine and source version, then
+    loaded from cache)."""
     from torch.utils.cpp_extension import load as build
 
     logger.info("adaspkv: loading the C++ CPU KV kernels (compiled on first use, about a minute)")
@@ -42,10 +45,8 @@ def load() -> ModuleType:
     # directory shared with another kind of CPU builds its own copy instead of loading this one.
     isa = torch.backends.cpu.get_cpu_capability().lower()
     # is_python_module=False: the library registers torch.ops.adaspkv_kv.* (named in profiles)
-    # -fopenmp: at::parallel_for is inline OpenMP; compiled without it, it runs on one thread. The
-    # extension then shares torch's libgomp (same soname, already loaded) and its thread count.
     build(name=f"adaspkv_paged_kv_cpu_{isa}", sources=[str(SOURCE)], is_python_module=False,
-          extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
+          extra_cflags=["-O3", "-march=native", *OPENMP_FLAGS, "-ffp-contract=off"], extra_ldflags=OPENMP_FLAGS,
           verbose=False)
     return torch.ops.adaspkv_kv
 

@@ -17,6 +17,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from vllm_adaspkv.cpp_build import OPENMP_FLAGS
 from vllm_adaspkv.sparse.packing import PackedWeight
 
 logger = logging.getLogger("vllm.adaspkv")
@@ -33,10 +34,8 @@ def load() -> ModuleType:
     from torch.utils.cpp_extension import load as build
 
     logger.info("adaspkv: loading the C++ packed sparse linear kernels (compiled on first use, about a minute)")
-    # -fopenmp: at::parallel_for is inline OpenMP; compiled without it, it runs on one thread. The
-    # extension then shares torch's libgomp (same soname, already loaded) and its thread count.
     return build(name=f"adaspkv_packed_linear_cpu_{_cpu_tag()}", sources=[str(SOURCE)],
-                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+                 extra_cflags=["-O3", "-march=native", *OPENMP_FLAGS], extra_ldflags=OPENMP_FLAGS, verbose=False)
 
 
 def _cpu_tag() -> str:
