@@ -36,7 +36,9 @@ MIN_BYTES = 512 * 2**20
 
 
 def median_s(fn, min_run_time: float) -> float:
-    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    # num_threads: torch's Timer runs its statement on ONE thread unless told otherwise
+    return Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time).median
 
 
 def read_bandwidth(min_run_time: float) -> float:

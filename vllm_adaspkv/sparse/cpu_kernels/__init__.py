@@ -23,9 +23,10 @@ from vllm_adaspkv.sparse.packing import PackedWeight
 logger = logging.getLogger("vllm.adaspkv")
 SOURCE = Path(__file__).with_name("packed_linear_cpu.cpp")
 # Rows of x above which `linear` expands the weight for the call and runs torch's GEMM instead of the
-# kernel: measured (results/packed-linear-cpu, 4096x4096): kernel 9.4 ms against 12.8 at 16 rows, 19.1
-# against 15.3 at 32. (Against a dense weight kept in memory the kernel stops paying from 8 rows.)
-MAX_KERNEL_ROWS = 16
+# kernel: measured on 2 threads (results/packed-linear-cpu, 4096x4096): kernel 20.0 ms against 22.8 at
+# 64 rows, 38.1 against 27.2 at 128. (Against a dense weight kept in memory the kernel stops paying from
+# about 8 rows.)
+MAX_KERNEL_ROWS = 64
 
 
 @functools.cache
