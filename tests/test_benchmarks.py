@@ -65,13 +65,19 @@ def test_decode_step_without_cuda_exits_2():
     assert run.returncode == 2 and "no CUDA GPU" in run.stderr
 
 
-def test_cpu_throughput_table_takes_medians_over_repeats(monkeypatch):
+def load_benchmark(monkeypatch, name: str):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("cpu_throughput", REPO / "benchmarks" / "cpu_throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_throughput_table_takes_medians_over_repeats(monkeypatch):
+    bench = load_benchmark(monkeypatch, "cpu_throughput")
 
     def runs(name, tokens, values):
         return [{"kv_cache_memory_bytes": 1 << 20, "name": name, "kv_cache_tokens": tokens,
@@ -82,16 +88,6 @@ def test_cpu_throughput_table_takes_medians_over_repeats(monkeypatch):
     assert lines[3] == "| 1 MiB | plugin 4-bit | 1,792 | 7.000 (6.00-8.00) | 896.0 | 1.40x |"  # 7 / 5
     with pytest.raises(ValueError, match="--repeats 0: must be >= 1"):
         bench.BenchConfig(repeats=0)
-
-
-def load_benchmark(monkeypatch, name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 # The head of a worker's table as vLLM's torch profiler writes it (self CPU time, CPU-only run).
