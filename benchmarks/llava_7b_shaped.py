@@ -68,6 +68,21 @@ def tree_memory(root: psutil.Process, include_root: bool = True) -> tuple[int, i
     return total, anon
 
 
+def tree_breakdown(root: psutil.Process) -> list[dict]:
+    """Per process of the tree (root first): RSS, PSS (shared pages divided among the processes that map
+    them, so the tree's PSS counts torch's libraries once, not once per process) and anonymous RSS, in MiB."""
+    rows = []
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            info, full = p.memory_info(), p.memory_full_info()
+            name = " ".join(p.cmdline()[:3])[-60:]
+        except psutil.Error:
+            continue
+        rows.append({"pid": p.pid, "name": name, "rss_mib": info.rss / 2**20, "pss_mib": full.pss / 2**20,
+                     "anon_mib": (info.rss - info.shared) / 2**20})
+    return rows
+
+
 class PeakRSS:
     """Peaks of the summed RSS, and of the summed anonymous part of it, of a process and all its
     descendants, sampled in a thread. RSS also counts the clean pages of memory-mapped files (vLLM and

