@@ -144,13 +144,11 @@ def profile_row(config: BenchConfig, row: Row) -> dict[str, float]:
     trace_dir = config.workdir / "profiles" / slug
     shutil.rmtree(trace_dir, ignore_errors=True)
     command = [*bench_command(config, row, config.workdir / f"{slug}-profiled.json"), *profiler_flags(trace_dir)]
-    print("$", shlex.join(command), flush=True)
     log = config.workdir / f"{slug}-profiled.log"
-    with open(log, "w") as f:
-        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    run_bench(command, log, f"{row.name} (profiled)")
     tables = sorted(trace_dir.glob("*.profiler_out.txt"))
-    if done.returncode != 0 or not tables:
-        raise SystemExit(f"{row.name}: the profiled run failed (exit {done.returncode}) or wrote no table, log {log}")
+    if not tables:
+        raise SystemExit(f"{row.name}: the profiled run wrote no operator table to {trace_dir}, log {log}")
     text = tables[0].read_text()
     (config.profile / f"{slug}.txt").write_text(text)
     return read_profile(text)
@@ -190,19 +188,26 @@ def bench_command(config: BenchConfig, row: Row, output_json: Path) -> list[str]
             *(["--enforce-eager"] if config.enforce_eager else [])]
 
 
-def run_row(config: BenchConfig, row: Row, repeat: int) -> dict:
-    slug = f"{row.name.replace(' ', '-')}-{row.kv_cache_memory_bytes >> 10}KiB-run{repeat}"
-    output_json = config.workdir / f"{slug}.json"
-    log = config.workdir / f"{slug}.log"
-    command = bench_command(config, row, output_json)
+def run_bench(command: list[str], log: Path, what: str) -> str:
+    """Runs one `vllm bench throughput` process with its output in `log`; returns the log's text, or
+    stops the benchmark with the log's last lines when the run failed."""
     print("$", shlex.join(command), flush=True)
-    start = time.monotonic()
     with open(log, "w") as f:
         done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
     text = log.read_text(errors="replace")
     if done.returncode != 0:
         tail = "\n".join(text.splitlines()[-20:])
-        raise SystemExit(f"{row.name}: `vllm bench throughput` failed (exit {done.returncode}), log {log}:\n{tail}")
+        raise SystemExit(f"{what}: `vllm bench throughput` failed (exit {done.returncode}), log {log}:\n{tail}")
+    return text
+
+
+def run_row(config: BenchConfig, row: Row, repeat: int) -> dict:
+    slug = f"{row.name.replace(' ', '-')}-{row.kv_cache_memory_bytes >> 10}KiB-run{repeat}"
+    output_json = config.workdir / f"{slug}.json"
+    log = config.workdir / f"{slug}.log"
+    command = bench_command(config, row, output_json)
+    start = time.monotonic()
+    text = run_bench(command, log, row.name)
     capacity = CAPACITY_LINE.findall(text)
     if not capacity:
         raise SystemExit(f"{row.name}: no 'KV cache size: N tokens' line in {log}")

@@ -119,6 +119,17 @@ def test_cpu_throughput_profile_reads_the_workers_table(monkeypatch):
     assert json.loads(flags[2])["torch_profiler_dir"] == "/tmp/traces"
 
 
+def test_cpu_throughput_run_keeps_the_log_and_stops_with_its_tail(monkeypatch, tmp_path):
+    bench = load_benchmark(monkeypatch, "cpu_throughput")
+    log = tmp_path / "ok.log"
+    assert bench.run_bench(["echo", "KV cache size: 896 tokens"], log, "stock") == "KV cache size: 896 tokens\n"
+    assert log.read_text() == "KV cache size: 896 tokens\n"
+    failing = ["sh", "-c", "echo first; echo 'the last line'; exit 3"]
+    with pytest.raises(SystemExit, match=r"plugin 4-bit: `vllm bench throughput` failed \(exit 3\), log .*bad\.log:\n"
+                                         r"first\nthe last line"):
+        bench.run_bench(failing, tmp_path / "bad.log", "plugin 4-bit")
+
+
 def test_kernel_decode_attention_cpu_runs_every_format(tmp_path):
     out = tmp_path / "kernel.json"
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_decode_attention_cpu.py"), "--batch", "2",

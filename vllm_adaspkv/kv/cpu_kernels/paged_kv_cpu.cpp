@@ -212,7 +212,7 @@ torch::Tensor attend_decode(torch::Tensor query, torch::Tensor cache, torch::Ten
     case 6: impl = attend_for_shape<6>(f.head_dim, f.group); break;
     case 4: impl = attend_for_shape<4>(f.head_dim, f.group); break;
     case 2: impl = attend_for_shape<2>(f.head_dim, f.group); break;
-    default: TORCH_CHECK(false, "KV bits ", bits, ": allowed 16, 8, 6, 4, 2");
+    default: TORCH_INTERNAL_ASSERT(false, "RowFormat let KV bits ", bits, " through");  // it refuses them by name
   }
   impl(query.data_ptr<float>(), cache.data_ptr<uint8_t>(), block_table.data_ptr<int32_t>(), block_table.stride(0),
        seq_lens.data_ptr<int32_t>(), out.data_ptr<float>(), f, query.size(0), q_heads, kv_heads, cache.size(2),
