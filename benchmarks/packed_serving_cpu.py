@@ -37,7 +37,7 @@ from pathlib import Path
 
 import psutil
 # this folder is on sys.path when run as a script
-from llava_7b_shaped import FIXTURE, REPO, PeakRSS, tree_breakdown, tree_memory
+from llava_7b_shaped import FIXTURE, REPO, PeakRSS, tree_breakdown
 
 from offline_search.data.bundled_models import resolve_model
 from offline_search.evaluation.vllm_server import ServerConfig, VllmServer
@@ -115,7 +115,6 @@ def serve(name: str, artifact: Path, model: Path, workdir: Path, tokens_wanted: 
     try:
         decode(server.base_url, str(artifact), tokens_wanted)  # warm-up: torch.compile, caches
         results = [decode(server.base_url, str(artifact), tokens_wanted) for _ in range(runs)]
-        rest_rss, rest_anon = tree_memory(psutil.Process(server.process.pid))
         processes = tree_breakdown(psutil.Process(server.process.pid))
     finally:
         peak.stop()
@@ -126,8 +125,8 @@ def serve(name: str, artifact: Path, model: Path, workdir: Path, tokens_wanted: 
     result = {"name": name, "command": server.command(), "startup_s": round(startup, 1),
               "decode_s": [round(r[0], 3) for r in results], "decode_tokens_per_s": (tokens_wanted - 1) / seconds,
               "tokens": results[0][1], "peak_rss_mib": peak.peak / 2**20, "peak_anon_mib": peak.peak_anon / 2**20,
-              "rest_rss_mib": rest_rss / 2**20, "rest_anon_mib": rest_anon / 2**20,
-              "rest_pss_mib": sum(p["pss_mib"] for p in processes), "processes_at_rest": processes,
+              **{f"rest_{kind}_mib": sum(p[f"{kind}_mib"] for p in processes) for kind in ("rss", "pss", "anon")},
+              "processes_at_rest": processes,
               "packed_log": packed_line}
     print(f"[{name}] start-up {startup:.0f} s, decode {result['decode_tokens_per_s']:.1f} tokens/s, RSS at rest "
           f"{result['rest_rss_mib']:.0f} MiB (PSS {result['rest_pss_mib']:.0f}, anonymous "
@@ -173,12 +172,12 @@ def main() -> None:
         r["same_first_tokens_as_first_row"] = same
         lines.append(f"| {r['name']} | {r['startup_s']:.0f} | {r['decode_tokens_per_s']:.2f} | "
                      f"{r['speedup_vs_first_row']:.2f}x | {r['rest_rss_mib']:.0f} | {r['rest_pss_mib']:.0f} | "
-                     f"{r['rest_anon_mib']:.0f} | "
-                     f"{r['peak_rss_mib']:.0f} | {r['saved_share_of_linear_bytes']:.0%} | "
+                     f"{r['rest_anon_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r['saved_share_of_linear_bytes']:.0%} | "
                      f"{same} of {len(r['tokens'])} |")
     lines += ["", "At rest, per process (RSS / PSS / anonymous MiB):"]
-    lines += [f"- {r['name']}: " + "; ".join(f"{p['name']} {p['rss_mib']:.0f} / {p['pss_mib']:.0f} / {p['anon_mib']:.0f}"
-                                             for p in r["processes_at_rest"]) for r in served.values()]
+    for r in served.values():
+        lines.append(f"- {r['name']}: " + "; ".join(
+            f"{p['name']} {p['rss_mib']:.0f} / {p['pss_mib']:.0f} / {p['anon_mib']:.0f}" for p in r["processes_at_rest"]))
     lines += ["", f"language model linear bytes: {linear_bytes / 2**20:.0f} MiB (bf16); KV budget "
               f"{args.kv_cache_mib} MiB; one request at a time"]
     print("\n".join(lines))

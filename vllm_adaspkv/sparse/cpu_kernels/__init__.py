@@ -25,7 +25,8 @@ SOURCE = Path(__file__).with_name("packed_linear_cpu.cpp")
 # Rows of x above which `linear` expands the weight for the call and runs torch's GEMM instead of the
 # kernel: measured on 2 threads (results/packed-linear-cpu, 4096x4096): kernel 20.0 ms against 22.8 at
 # 64 rows, 38.1 against 27.2 at 128. (Against a dense weight kept in memory the kernel stops paying from
-# about 8 rows.)
+# about 8 rows.) Not re-tuned for one thread, which is what vLLM's CPU worker gets on a 2-core machine (it
+# reserves the other core): there the earlier one-thread measurement put the crossover at 16-32 rows.
 MAX_KERNEL_ROWS = 64
 
 
