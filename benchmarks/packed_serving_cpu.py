@@ -176,8 +176,9 @@ def main() -> None:
                      f"{same} of {len(r['tokens'])} |")
     lines += ["", "At rest, per process (RSS / PSS / anonymous MiB):"]
     for r in served.values():
-        lines.append(f"- {r['name']}: " + "; ".join(
-            f"{p['name']} {p['rss_mib']:.0f} / {p['pss_mib']:.0f} / {p['anon_mib']:.0f}" for p in r["processes_at_rest"]))
+        per_process = [f"{p['name']} {p['rss_mib']:.0f} / {p['pss_mib']:.0f} / {p['anon_mib']:.0f}"
+                       for p in r["processes_at_rest"]]
+        lines.append(f"- {r['name']}: " + "; ".join(per_process))
     lines += ["", f"language model linear bytes: {linear_bytes / 2**20:.0f} MiB (bf16); KV budget "
               f"{args.kv_cache_mib} MiB; one request at a time"]
     print("\n".join(lines))
