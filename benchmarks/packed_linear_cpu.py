@@ -8,9 +8,11 @@ Weights are cycled through copies totalling >= 512 MiB so that every call reads 
 not from the 32 MiB L3 cache, as a decode step of a 7B model does. Each row reports the median time
 (torch.utils.benchmark, blocked_autorange), the speed-up, and the weight bytes read per second against
 the memory bandwidth measured here (a large tensor's sum: read-only traffic, the kernels' pattern).
-Reproduce (torch's thread count is printed; default: all cores):
+Reproduce (torch's thread count is printed; default: all cores; `--threads 1` is what vLLM's CPU worker
+gets on a 2-core machine):
 
     .venv/bin/python benchmarks/packed_linear_cpu.py --out results/packed-linear-cpu
+    .venv/bin/python benchmarks/packed_linear_cpu.py --threads 1 --out results/packed-linear-cpu/one-thread
 """
 
 from __future__ import annotations
@@ -80,18 +82,22 @@ def measure(shape, rows: int, sparsity: float, min_run_time: float) -> dict:
 
 
 def crossover(min_run_time: float) -> list[dict]:
-    """Where `cpu_kernels.linear` stops calling the kernel (MAX_KERNEL_ROWS): kernel against the weight
-    expanded for the call + torch's dense GEMM, 4096x4096 at sparsity 0.5, rising rows of x."""
+    """Where `cpu_kernels.linear` stops calling the kernel (MAX_KERNEL_ROWS): the kernel against torch's
+    GEMM over the weight expanded a tile at a time (what `linear` runs above it) and over the whole weight
+    expanded at once, 4096x4096 at sparsity 0.5, rising rows of x."""
     generator = torch.Generator().manual_seed(1)
     w = torch.randn(4096, 4096, generator=generator).bfloat16()
     packed = packing.pack(w, torch.rand(4096, 4096, generator=generator) >= 0.5)
     dense = packing.unpack(packed)
+    tile_rows = cpu_kernels.expand_tile_rows(packed)
     rows = []
-    for tokens in (8, 16, 32, 48, 64, 128):
+    for tokens in (8, 16, 32, 48, 64, 96, 128, 256):
         x = torch.randn(tokens, 4096, generator=generator).bfloat16()
         rows.append({"rows": tokens,
                      "kernel_ms": median_s(lambda x=x: cpu_kernels.matmul(x, packed), min_run_time) * 1e3,
-                     "expand_dense_ms": median_s(lambda x=x: F.linear(x, cpu_kernels.unpack_dense(packed)),
+                     "expand_tiles_ms": median_s(lambda x=x: cpu_kernels.expanded_linear(x, packed, None, tile_rows),
+                                                 min_run_time) * 1e3,
+                     "expand_whole_ms": median_s(lambda x=x: F.linear(x, cpu_kernels.unpack_dense(packed)),
                                                  min_run_time) * 1e3,
                      "dense_ms": median_s(lambda x=x: F.linear(x, dense), min_run_time) * 1e3})
     return rows
@@ -105,7 +111,11 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows of x, comma list")
     parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="comma list")
     parser.add_argument("--no-crossover", action="store_true", help="leave out the prefill crossover table")
+    parser.add_argument("--threads", type=int, help="torch threads for both sides (default: torch's, all cores; "
+                                                      "vLLM's CPU worker on a 2-core machine gets 1)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
     rows_list = [int(r) for r in args.rows.split(",")]
     sparsities = [float(v) for v in args.sparsities.split(",")]
@@ -130,10 +140,14 @@ def main() -> None:
                 print(line, flush=True)
     cross = [] if args.no_crossover else crossover(args.min_run_time)
     if cross:
-        lines += ["", "Prefill crossover, 4096x4096 at 0.5: the kernel against the weight expanded + torch's GEMM", "",
-                  "| rows | kernel ms | expand + dense ms | dense ms |", "|---|---|---|---|"]
+        lines += ["", "Prefill crossover, 4096x4096 at 0.5: the kernel against torch's GEMM over the weight expanded "
+                  f"{cpu_kernels.EXPAND_TILE_BYTES // 2**20} MiB at a time (what `linear` runs above "
+                  f"{cpu_kernels.MAX_KERNEL_ROWS} rows) and all at once", "",
+                  "| rows | kernel ms | expand tiles + GEMM ms | expand all + GEMM ms | dense GEMM ms |",
+                  "|---|---|---|---|---|"]
     for r in cross:
-        lines.append(f"| {r['rows']} | {r['kernel_ms']:.2f} | {r['expand_dense_ms']:.2f} | {r['dense_ms']:.2f} |")
+        lines.append(f"| {r['rows']} | {r['kernel_ms']:.2f} | {r['expand_tiles_ms']:.2f} | {r['expand_whole_ms']:.2f} | "
+                     f"{r['dense_ms']:.2f} |")
         print(lines[-1], flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

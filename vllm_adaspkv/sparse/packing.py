@@ -6,7 +6,7 @@ W [rows, cols] and its keep mask:
 - `values` [nnz] in W's dtype: the kept values, row after row, left to right;
 - `row_offsets` int64 [rows + 1]: row r's values are values[row_offsets[r]:row_offsets[r + 1]].
 At sparsity s a bf16 weight takes (1 - s) * 16 + 1 bits (+ 64 bits a row): 0.56x of dense at 50%.
-The C++ kernel (`cpu_kernels/packed_linear_cpu.cpp`) reads exactly this.
+The C++ kernels (`cpu_kernels/packed_rows.cpp`) read exactly this.
 """
 
 from __future__ import annotations
@@ -77,6 +77,16 @@ def stack_rows(parts: list[PackedWeight]) -> PackedWeight:
         base += p.values.numel()
     return PackedWeight(torch.cat([p.bitmask for p in parts]), torch.cat([p.values for p in parts]),
                         torch.cat(offsets), cols.pop())
+
+
+def row_range(packed: PackedWeight, start: int, stop: int) -> PackedWeight:
+    """Rows [start, stop) of a packed weight: views of its bitmask and values, offsets rebased to 0."""
+    rows = packed.shape[0]
+    if not 0 <= start <= stop <= rows:
+        raise ValueError(f"row_range: rows [{start}, {stop}) are not within the weight's {rows} rows")
+    first, last = int(packed.row_offsets[start]), int(packed.row_offsets[stop])
+    return PackedWeight(packed.bitmask[start:stop], packed.values[first:last],
+                        packed.row_offsets[start:stop + 1] - first, packed.cols)
 
 
 def dense_nbytes(shape: tuple[int, int], dtype: torch.dtype) -> int:

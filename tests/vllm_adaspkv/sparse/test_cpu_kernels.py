@@ -40,7 +40,9 @@ def test_a_1x8_weight_by_hand(portable):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,cols,tokens", [(1, 8, 1), (5, 31, 3), (7, 33, 2), (3, 40, 5), (2, 70, 7),
-                                              (64, 100, 9), (4, 64, 13), (37, 4096, 16), (3, 16, 0)])
+                                              (64, 100, 9), (4, 64, 13), (37, 4096, 16), (3, 16, 0),
+                                              # every tile of x (1-8 rows) against blocks of 4, 2 and 1 weight rows
+                                              (9, 96, 4), (19, 130, 6), (33, 64, 12), (18, 50, 11)])
 def test_equals_the_masked_dense_matmul(portable, dtype, x_dtype, rows, cols, tokens):
     generator = torch.Generator().manual_seed(rows * cols + tokens)
     weight = torch.randn(rows, cols, generator=generator).to(dtype)
@@ -75,6 +77,18 @@ def test_linear_gives_the_same_on_either_side_of_the_kernel_row_limit():
     assert many.shape == (2, cpu_kernels.MAX_KERNEL_ROWS + 1, 48) and many.dtype == torch.bfloat16
     torch.testing.assert_close(many, F.linear(x, dense, bias))
     torch.testing.assert_close(few, F.linear(x[:, :3].float(), dense.float(), bias.float()).bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_weight_expanded_tile_by_tile_gives_the_masked_dense_linear(dtype):
+    weight = torch.randn(37, 70).to(dtype)  # tiles of 16 rows: 16, 16 and 5
+    packed = packing.pack(weight, torch.rand(37, 70) > 0.5)
+    x, bias = torch.randn(5, 70).bfloat16(), torch.randn(37).bfloat16()
+    y = cpu_kernels.expanded_linear(x, packed, bias, tile_rows=16)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, F.linear(x, packing.unpack(packed).bfloat16(), bias))
+    torch.testing.assert_close(cpu_kernels.expanded_linear(x, packed, None, tile_rows=16),
+                               F.linear(x, packing.unpack(packed).bfloat16()))
 
 
 def test_this_machine_builds_its_fast_path():

@@ -39,6 +39,15 @@ def test_stacked_rows_are_the_packed_form_of_the_stacked_weights():
         assert torch.equal(getattr(stacked, name), getattr(whole, name)), name
 
 
+def test_a_row_range_is_the_packed_form_of_those_rows():
+    weight, keep = torch.randn(6, 20), torch.rand(6, 20) > 0.4
+    packed = packing.pack(weight, keep)
+    for start, stop in ((0, 6), (2, 5), (4, 4), (5, 6)):
+        part, whole = packing.row_range(packed, start, stop), packing.pack(weight[start:stop], keep[start:stop])
+        for name in ("bitmask", "values", "row_offsets"):
+            assert torch.equal(getattr(part, name), getattr(whole, name)), (start, stop, name)
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match=r"a 2-D weight and a bool mask of its shape are needed, not weight \(2, 3\) "
                                          r"and mask \(2, 3\) of torch.float32"):
@@ -46,3 +55,5 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match=r"parts have different input widths \[3, 4\]"):
         packing.stack_rows([packing.pack(torch.ones(1, 3), torch.ones(1, 3, dtype=torch.bool)),
                             packing.pack(torch.ones(1, 4), torch.ones(1, 4, dtype=torch.bool))])
+    with pytest.raises(ValueError, match=r"rows \[3, 7\) are not within the weight's 6 rows"):
+        packing.row_range(packing.pack(torch.ones(6, 3), torch.ones(6, 3, dtype=torch.bool)), 3, 7)
