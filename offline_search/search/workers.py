@@ -23,6 +23,7 @@ import socket
 import time
 import warnings
 
+import numpy as np
 import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.samplers import BaseSampler, TPESampler
@@ -32,8 +33,15 @@ from optuna.trial import FrozenTrial, TrialState
 ACTIVE = (TrialState.RUNNING, TrialState.COMPLETE)
 
 
+def trial_seed(seed: int, trial_number: int) -> int:
+    """The random seed of one trial of a study seeded `seed`: both numbers hashed together (numpy's
+    SeedSequence). seed + trial number made study s + 1 replay study s's start-up trials one trial
+    later, so that "three seeds" were one sequence of draws three times."""
+    return int(np.random.SeedSequence([seed, trial_number]).generate_state(1)[0])
+
+
 class TrialSeededTPE(BaseSampler):
-    """Optuna's TPE sampler, its random state seeded with seed + trial number, trial by trial."""
+    """Optuna's TPE sampler, its random state seeded from (seed, trial number), trial by trial."""
 
     def __init__(self, seed: int, **tpe_options):
         self._seed, self._options = seed, tpe_options
@@ -41,7 +49,7 @@ class TrialSeededTPE(BaseSampler):
 
     def _tpe(self, trial: FrozenTrial) -> TPESampler:
         if self._current is None or self._current[0] != trial.number:  # TPE keeps no state but its RNG
-            self._current = (trial.number, TPESampler(seed=self._seed + trial.number, **self._options))
+            self._current = (trial.number, TPESampler(seed=trial_seed(self._seed, trial.number), **self._options))
         return self._current[1]
 
     def infer_relative_search_space(self, study, trial):

@@ -23,6 +23,21 @@ def test_workers_that_start_together_draw_different_trials_reproducibly(tmp_path
     assert draws[0] == draws[1]  # and the same again on a new study
 
 
+def test_the_trials_of_two_seeds_are_not_one_sequence_shifted():
+    def start_up_draws(seed: int) -> list[list[int]]:
+        study = optuna.create_study(sampler=TrialSeededTPE(seed=seed))
+        draws = []
+        for _ in range(4):  # TPE's random start-up trials
+            trial = study.ask()
+            draws.append([trial.suggest_int(f"kv_{layer}", 0, 4) for layer in range(8)])
+            study.tell(trial, float(sum(draws[-1])))
+        return draws
+
+    seed0, seed1 = start_up_draws(0), start_up_draws(1)
+    assert seed0 == start_up_draws(0)  # reproducible
+    assert all(a != b for a in seed0 for b in seed1)  # no trial of one seed is a trial of the other
+
+
 def test_parameters_are_claimed_once_and_a_finished_plan_is_not_evaluated_again(tmp_path):
     from offline_search.search.workers import claim_params, finished_plan
 
